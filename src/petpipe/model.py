@@ -1,0 +1,130 @@
+"""Backbone + new head, layer groups, freeze / unfreeze.
+
+The model is ``nn.Sequential(body, head)`` like fastai's ``vision_learner``: the body is the
+torchvision network cut before its pooling layer, the head is fastai's default head
+(concat pooling, BatchNorm, dropout 0.25 / 0.5, a 512-unit hidden layer).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from petpipe.errors import PetpipeError
+
+HIDDEN = 512  # fastai create_head: lin_ftrs=[512]
+DROPOUT = 0.5  # fastai create_head: ps=0.5 (the first dropout uses ps/2)
+BODY_SPLIT = 0.75  # first 3/4 of the body's children form layer group 0 (fastai splits resnets 6/8)
+
+
+class ModelError(PetpipeError, ValueError):
+    """The requested model cannot be built; the message names the key and the fix."""
+
+
+@cache
+def available_archs() -> list[str]:
+    """torchvision's classification models (not detection, segmentation, video...)."""
+    return sorted(models.list_models(module=models))
+
+
+class AdaptiveConcatPool2d(nn.Module):
+    """Average and max pooling side by side: twice the features of either (fastai's default)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([nn.functional.adaptive_max_pool2d(x, 1), nn.functional.adaptive_avg_pool2d(x, 1)], dim=1)
+
+
+def create_head(n_features: int, n_classes: int) -> nn.Sequential:
+    """fastai's default head: pool, [BN, dropout, linear, ReLU], [BN, dropout, linear]."""
+    head = nn.Sequential(
+        AdaptiveConcatPool2d(),
+        nn.Flatten(),
+        nn.BatchNorm1d(2 * n_features),
+        nn.Dropout(DROPOUT / 2),
+        nn.Linear(2 * n_features, HIDDEN, bias=False),  # no bias: BatchNorm just before supplies it
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(HIDDEN),
+        nn.Dropout(DROPOUT),
+        nn.Linear(HIDDEN, n_classes, bias=False),
+    )
+    for layer in head:
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight)
+    return head
+
+
+def load_torchvision(arch: str, weights: str) -> nn.Module:
+    """``weights``: ``imagenet`` (torchvision's default weights), ``none``, or a state-dict path."""
+    if arch not in available_archs():
+        raise ModelError(f"train.arch: {arch!r} is not a torchvision classification model")
+    if weights == "imagenet":
+        return models.get_model(arch, weights="DEFAULT")
+    net = models.get_model(arch, weights=None)
+    if weights == "none":
+        return net
+    path = Path(weights)
+    if not path.is_file():
+        raise ModelError(f"train.weights: {weights!r} is neither 'imagenet', 'none' nor an existing state-dict file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ModelError(f"train.weights: {path} does not fit {arch}: {str(err)[:300]}") from None
+    if len(result.missing_keys) > 4:  # a few (the old classifier) may differ; a whole body may not
+        raise ModelError(f"train.weights: {path} lacks {len(result.missing_keys)} {arch} tensors, e.g. {result.missing_keys[:3]}")
+    return net
+
+
+def cut_body(net: nn.Module, arch: str) -> nn.Sequential:
+    """The network up to (not including) its last pooling child, as fastai's ``create_body`` does."""
+    children = list(net.children())
+    pools = [i for i, c in enumerate(children) if isinstance(c, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d))]
+    if pools:
+        return nn.Sequential(*children[: pools[-1]])
+    if isinstance(getattr(net, "features", None), nn.Module):  # densenet pools in forward()
+        return nn.Sequential(*net.features.children())
+    raise ModelError(f"train.arch: {arch!r} has no convolutional body followed by pooling; use a CNN such as resnet34 or convnext_tiny")
+
+
+def body_features(body: nn.Module) -> int:
+    """Channels the body outputs, found with one dummy forward pass."""
+    was_training = body.training
+    body.eval()
+    with torch.no_grad():
+        out = body(torch.zeros(1, 3, 224, 224))
+    body.train(was_training)
+    return out.shape[1]
+
+
+def build_model(arch: str, n_classes: int, weights: str = "none") -> nn.Sequential:
+    body = cut_body(load_torchvision(arch, weights), arch)
+    return nn.Sequential(body, create_head(body_features(body), n_classes))
+
+
+def layer_groups(model: nn.Sequential) -> list[list[nn.Parameter]]:
+    """Three groups for discriminative LRs: early body, late body, head."""
+    body, head = model[0], model[1]
+    split = max(1, round(BODY_SPLIT * len(body)))
+    return [list(body[:split].parameters()), list(body[split:].parameters()), list(head.parameters())]
+
+
+def freeze_body(model: nn.Sequential) -> None:
+    """Train only the head, plus every BatchNorm layer (fastai's ``train_bn=True``)."""
+    for module in model[0].modules():
+        trainable = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(trainable)
+    model[1].requires_grad_(True)
+
+
+def unfreeze(model: nn.Module) -> None:
+    model.requires_grad_(True)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,22 @@
+"""Stage finetune: unfreeze the stage-1 model, one-cycle with discriminative LRs (finetune.max_lr)."""
+
+import sys
+
+from petpipe.pipeline import run_finetune, stage_main
+
+if __name__ == "__main__":
+    sys.exit(
+        stage_main(
+            run_finetune,
+            [
+                ("dataset", "extracted dataset folder"),
+                ("table_csv", "labels table"),
+                ("classes_json", "class list"),
+                ("checkpoint", "stage-1 checkpoint to read"),
+                ("lr_find_result", "lr_find's suggested LRs (for max_lr: auto)"),
+                ("final", "final model checkpoint to write"),
+                ("metrics", "final-epoch metrics JSON"),
+                ("plot", "per-epoch metrics CSV"),
+            ],
+        )
+    )

@@ -1,0 +1,20 @@
+"""Stage train_frozen: new head on a frozen body (BatchNorm stays trainable), one-cycle training."""
+
+import sys
+
+from petpipe.pipeline import run_train_frozen, stage_main
+
+if __name__ == "__main__":
+    sys.exit(
+        stage_main(
+            run_train_frozen,
+            [
+                ("dataset", "extracted dataset folder"),
+                ("table_csv", "labels table"),
+                ("classes_json", "class list"),
+                ("checkpoint", "stage-1 checkpoint to write"),
+                ("metrics", "final-epoch metrics JSON"),
+                ("plot", "per-epoch metrics CSV"),
+            ],
+        )
+    )
