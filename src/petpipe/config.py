@@ -150,7 +150,7 @@ class ReportConfig:
 @dataclass(frozen=True)
 class Config:
     seed: int
-    device: Literal["auto", "cpu", "cuda", "mps"]
+    device: Literal["auto", "cpu", "cuda", "mps"]  # auto: CUDA, then MPS, then CPU
     precision: Literal["auto", "fp32", "fp16", "bf16"]
     data: DataConfig
     labels: LabelsConfig

@@ -87,7 +87,7 @@ def label_by_regex(paths: list[str], pattern: str, match_on: str) -> tuple[list[
     if not items:
         tried = [PurePosixPath(p).name if match_on == "name" else p for p in paths[:5]]
         raise LabelError(
-            f"labels.pattern: {pattern!r} matches none of the {len(paths)} files (matched against the file {match_on}); "
+            f"labels.pattern: '{pattern}' matches none of the {len(paths)} files (matched against the file {match_on}); "
             f"tried e.g. {', '.join(tried)}"
         )
     return items, skipped

@@ -70,13 +70,15 @@ def load_torchvision(arch: str, weights: str) -> nn.Module:
     if not path.is_file():
         raise ModelError(f"train.weights: {weights!r} is neither 'imagenet', 'none' nor an existing state-dict file")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
     try:
         result = net.load_state_dict(state, strict=False)
     except RuntimeError as err:
         raise ModelError(f"train.weights: {path} does not fit {arch}: {str(err)[:300]}") from None
-    if len(result.missing_keys) > 4:  # a few (the old classifier) may differ; a whole body may not
-        raise ModelError(f"train.weights: {path} lacks {len(result.missing_keys)} {arch} tensors, e.g. {result.missing_keys[:3]}")
+    # Only the old classifier (replaced by petpipe's head anyway) may differ; the body must fit exactly.
+    classifier = list(net.named_children())[-1][0] + "."
+    misfits = [k for k in result.missing_keys + result.unexpected_keys if not k.startswith(classifier)]
+    if misfits:
+        raise ModelError(f"train.weights: {path} does not fit {arch}: {len(misfits)} tensors missing or unexpected, e.g. {misfits[:3]}")
     return net
 
 

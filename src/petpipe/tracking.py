@@ -40,15 +40,18 @@ def tracking_uri(env: dict[str, str] | None = None) -> str:
     return env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(env) / STORE_FILE}"
 
 
-def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    """Experiment id for ``name``; a new one in the default store keeps artifacts beside mlflow.db."""
+def default_artifact_location(env: dict[str, str] | None = None) -> str | None:
+    """Artifacts of the default store go beside mlflow.db; a configured server decides its own."""
+    env = os.environ if env is None else env
+    return None if env.get("MLFLOW_TRACKING_URI") else (repo_root(env) / ARTIFACTS_DIR).as_uri()
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """Experiment id for ``name``, created on first use."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
-        location = (repo_root() / ARTIFACTS_DIR).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=artifact_location)
 
 
 def run_tags(stage: str) -> dict[str, str]:
@@ -83,9 +86,9 @@ class StageRun:
 @contextmanager
 def stage_run(stage: str, params: dict[str, Any]) -> Iterator[StageRun]:
     """One MLflow run for one stage execution; ended (FAILED on error) whatever happens."""
-    uri = tracking_uri()
+    uri, location = tracking_uri(), default_artifact_location()  # before set_tracking_uri exports the env var
     mlflow.set_tracking_uri(uri)
-    experiment_id = ensure_experiment(MlflowClient(uri), os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), uri)
+    experiment_id = ensure_experiment(MlflowClient(uri), os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), location)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags(stage))
     status = "FAILED"
     try:

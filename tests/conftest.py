@@ -1,0 +1,182 @@
+"""Shared fixtures: tiny generated image datasets, archives, a local HTTP server, an MLflow server."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 220)}
+
+
+def make_image(color: tuple[int, int, int], seed: int, size: int = 16) -> Image.Image:
+    """A noisy square of one colour: trivially learnable, different pixels every time."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(color) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def write_folder_dataset(root: Path, per_class: int = 8, valid_per_class: int = 3, suffix: str = ".png") -> Path:
+    """train/<class>/<i>.png and valid/<class>/<i>.png for three colour classes."""
+    seed = 0
+    for name, color in COLORS.items():
+        for split, count in (("train", per_class), ("valid", valid_per_class)):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                seed += 1
+                make_image(color, seed).save(folder / f"{i}{suffix}")
+    return root
+
+
+def write_named_dataset(root: Path, per_class: int = 6) -> Path:
+    """Pets-style flat folder: images/<Class_name>_<n>.jpg."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for k, (name, color) in enumerate(COLORS.items()):
+        label = name.capitalize() + ("_cat" if k % 2 else "")
+        for i in range(per_class):
+            make_image(color, 100 * k + i).save(root / "images" / f"{label}_{i + 1}.jpg")
+    return root
+
+
+def make_tarball(folder: Path, out: Path, top: str = "dataset") -> Path:
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(folder, arcname=top)
+    return out
+
+
+@pytest.fixture
+def folder_dataset(tmp_path: Path) -> Path:
+    return write_folder_dataset(tmp_path / "ds")
+
+
+@pytest.fixture
+def dataset_tarball(tmp_path: Path) -> Path:
+    return make_tarball(write_folder_dataset(tmp_path / "src"), tmp_path / "tiny.tgz")
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with HTTP Range support (resumable downloads), quiet logs."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send_head(self):
+        path = Path(self.translate_path(self.path))
+        header = self.headers.get("Range")
+        if not header or not path.is_file():
+            return super().send_head()
+        start = int(header.removeprefix("bytes=").split("-")[0])
+        size = path.stat().st_size
+        if start >= size:
+            self.send_error(416)
+            return None
+        f = open(path, "rb")
+        f.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        self.send_header("Content-Length", str(size - start))
+        self.end_headers()
+        return f
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """Serves tmp_path/www on 127.0.0.1; yields (folder, base URL)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process on 127.0.0.1 with its own sqlite store and artifact folder."""
+    home = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=home,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def copy_project(dest: Path) -> Path:
+    """The tracked files of this repository (plus unstaged edits) copied into ``dest``."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True)
+    for rel in filter(None, files.stdout.decode().split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: the venv first on PATH, no inherited MLflow/DVC settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def tar_bytes(entries: dict[str, bytes]) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()

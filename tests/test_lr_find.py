@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import torch
+
+from petpipe.device import make_runtime
+from petpipe.lr_find import (
+    auto_max_lr,
+    lr_range_test,
+    suggest,
+    suggest_minimum,
+    suggest_steep,
+    suggest_valley,
+)
+
+
+def test_minimum_is_a_tenth_of_the_lowest_point():
+    lrs = np.logspace(-6, 0, 7)
+    losses = np.array([2.0, 1.9, 1.5, 1.0, 0.8, 1.5, 3.0])
+    assert suggest_minimum(lrs, losses) == pytest.approx(1e-3)
+
+
+def test_steep_is_the_fastest_fall():
+    lrs = np.logspace(-6, 0, 7)
+    losses = np.array([2.0, 1.95, 1.9, 1.0, 0.9, 0.85, 3.0])
+    assert suggest_steep(lrs, losses) in (lrs[2], lrs[3])
+
+
+def test_valley_is_half_way_down_the_longest_decline():
+    lrs = np.logspace(-7, 0, 15)
+    # strictly decreasing over indices 2..11 (10 points), noise before, divergence after
+    losses = np.array([2.0, 2.1, 2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1, 1.6, 2.5, 4.0])
+    # longest decreasing subsequence: 2.1 or 2.0 then 1.9 ... 1.1 -> ends at 11 with length 11
+    # (index 0 or 1 as its start); span start = 11 - 11 = 0, third = 11/3 -> 0 + 3 + 1 = 4
+    assert suggest_valley(lrs, losses) == pytest.approx(lrs[4])
+
+
+def test_auto_max_lr_is_valley_over_100_to_valley():
+    assert auto_max_lr({"valley": 1e-3}) == pytest.approx((1e-5, 1e-3))
+
+
+def test_range_test_stops_on_divergence_and_suggests():
+    torch.manual_seed(0)
+    x = torch.randn(256, 3, 1, 1)
+    y = torch.randint(0, 2, (256,))  # random labels: large LRs can only make the loss explode
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2))
+    curve = lr_range_test(model, loader, make_runtime("cpu", "fp32"), start_lr=1e-5, end_lr=1e4, num_it=100, weight_decay=0.0)
+    assert 10 < len(curve["lr"]) < 100  # diverged before the end
+    assert curve["lr"] == sorted(curve["lr"]) and curve["lr"][0] == pytest.approx(1e-5)
+    tips = suggest(curve)
+    assert set(tips) == {"valley", "minimum", "steep"} and all(1e-5 <= v <= 1e4 for v in tips.values())
