@@ -5,4 +5,4 @@ import sys
 from petpipe.pipeline import run_labels, stage_main
 
 if __name__ == "__main__":
-    sys.exit(stage_main(run_labels, [("dataset", "extracted dataset folder"), ("out_dir", "folder for table.csv, classes.json, skipped.csv"), ("metrics", "counts JSON")]))
+    sys.exit(stage_main(run_labels, description=__doc__, arguments=[("dataset", "extracted dataset folder"), ("out_dir", "folder for table.csv, classes.json, skipped.csv"), ("metrics", "counts JSON")]))

@@ -8,7 +8,8 @@ if __name__ == "__main__":
     sys.exit(
         stage_main(
             run_lr_find,
-            [
+            description=__doc__,
+            arguments=[
                 ("dataset", "extracted dataset folder"),
                 ("table_csv", "labels table"),
                 ("classes_json", "class list"),

@@ -1,4 +1,4 @@
-"""Stage report: interpret the final model on the validation set and write reports/report.html."""
+"""Stage report: interpret the final model on the validation set and write the self-contained HTML report."""
 
 import sys
 
@@ -8,7 +8,8 @@ if __name__ == "__main__":
     sys.exit(
         stage_main(
             run_report,
-            [
+            description=__doc__,
+            arguments=[
                 ("dataset", "extracted dataset folder"),
                 ("table_csv", "labels table"),
                 ("classes_json", "class list"),
@@ -19,5 +20,6 @@ if __name__ == "__main__":
                 ("html_path", "HTML report to write"),
                 ("metrics", "validation metrics JSON"),
             ],
+            multiple=("curves",),
         )
     )

@@ -26,9 +26,9 @@ def with_value(key: str, value):
 
 
 @pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "profiles").glob("*.yaml")))
-def test_every_profile_is_valid(profile):
+def test_every_profile_is_valid_and_complete(profile):
     cfg = load_config(ROOT / "profiles" / profile)
-    assert cfg.train.arch
+    assert set(flatten(cfg)) == set(flatten(load_config(ROOT / "profiles/digits.yaml")))
 
 
 def test_pets_profile_is_lesson_one():

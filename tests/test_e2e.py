@@ -20,9 +20,9 @@ def tiny_params(repo: Path, archive: Path) -> dict:
     params = yaml.safe_load((ROOT / "profiles" / "digits.yaml").read_text())
     params["data"] = {"url": archive.relative_to(repo).as_posix(), "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}
     params["labels"]["csv"] = None
-    params["train"].update(size=16, batch_size=8)
+    params["train"].update(size=16, batch_size=12)
     params["train_frozen"]["epochs"] = 1
-    params["lr_find"].update(num_it=20, end_lr=1.0)
+    params["lr_find"].update(start_lr=1e-5, end_lr=10.0, num_it=30)
     params["finetune"].update(epochs=1, max_lr="auto")
     params["report"]["top_losses"] = 4
     return params

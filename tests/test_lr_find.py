@@ -4,6 +4,7 @@ import torch
 
 from petpipe.device import make_runtime
 from petpipe.lr_find import (
+    LossRecorder,
     auto_max_lr,
     lr_range_test,
     suggest,
@@ -19,10 +20,10 @@ def test_minimum_is_a_tenth_of_the_lowest_point():
     assert suggest_minimum(lrs, losses) == pytest.approx(1e-3)
 
 
-def test_steep_is_the_fastest_fall():
+def test_steep_is_the_start_of_the_fastest_fall():
     lrs = np.logspace(-6, 0, 7)
     losses = np.array([2.0, 1.95, 1.9, 1.0, 0.9, 0.85, 3.0])
-    assert suggest_steep(lrs, losses) in (lrs[2], lrs[3])
+    assert suggest_steep(lrs, losses) == pytest.approx(lrs[2])  # forward difference 2 -> 3 is the steepest
 
 
 def test_valley_is_half_way_down_the_longest_decline():
@@ -32,6 +33,36 @@ def test_valley_is_half_way_down_the_longest_decline():
     # longest decreasing subsequence: 2.1 or 2.0 then 1.9 ... 1.1 -> ends at 11 with length 11
     # (index 0 or 1 as its start); span start = 11 - 11 = 0, third = 11/3 -> 0 + 3 + 1 = 4
     assert suggest_valley(lrs, losses) == pytest.approx(lrs[4])
+
+
+def test_recorder_smooths_debiases_and_stops_on_divergence():
+    recorder = LossRecorder()
+    assert not recorder.add(2.0)
+    assert recorder.smooth[0] == pytest.approx(2.0)  # debiased: the first value is the loss itself
+    assert not recorder.add(1.0)
+    # EMA: (0.98 * 0.02 * 2 + 0.02 * 1) / (1 - 0.98**2)
+    assert recorder.smooth[1] == pytest.approx((0.98 * 0.02 * 2.0 + 0.02 * 1.0) / (1 - 0.98**2))
+    stops = [recorder.add(1000.0) for _ in range(3)]
+    assert stops[-1] and recorder.smooth[-1] > 4 * recorder.best  # stopped once above 4x the best
+    nan_recorder = LossRecorder()
+    nan_recorder.add(1.0)
+    assert nan_recorder.add(float("nan"))
+
+
+def test_recorder_warmup_ignores_early_noise():
+    noisy_start = [0.2, 1.5, 1.4, 1.3, 1.2]
+    fastai_rule = LossRecorder()
+    assert [fastai_rule.add(v) for v in noisy_start][:2] == [False, True]  # fastai's rule stops at the second point
+    recorder = LossRecorder(warmup=2)
+    assert not any(recorder.add(v) for v in noisy_start)
+    assert recorder.best == pytest.approx(min(recorder.smooth[2:]))
+
+
+def test_suggestions_skip_the_first_tenth_of_num_it():
+    lrs = list(np.logspace(-7, 1, 30))
+    losses = [0.1] * 3 + list(np.linspace(3.0, 1.0, 22)) + [2.0, 3.0, 4.0, 5.0, 6.0]  # a fake early dip at 0..2
+    tips = suggest({"lr": lrs, "loss": losses}, num_it=30)
+    assert tips["minimum"] > lrs[2]  # the dip before num_it // 10 = 3 points is ignored
 
 
 def test_auto_max_lr_is_valley_over_100_to_valley():
@@ -47,5 +78,5 @@ def test_range_test_stops_on_divergence_and_suggests():
     curve = lr_range_test(model, loader, make_runtime("cpu", "fp32"), start_lr=1e-5, end_lr=1e4, num_it=100, weight_decay=0.0)
     assert 10 < len(curve["lr"]) < 100  # diverged before the end
     assert curve["lr"] == sorted(curve["lr"]) and curve["lr"][0] == pytest.approx(1e-5)
-    tips = suggest(curve)
+    tips = suggest(curve, num_it=100)
     assert set(tips) == {"valley", "minimum", "steep"} and all(1e-5 <= v <= 1e4 for v in tips.values())

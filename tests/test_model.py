@@ -56,10 +56,11 @@ def test_three_layer_groups_cover_every_parameter_once(resnet):
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small", "densenet121", "efficientnet_b0"])
-def test_other_cnn_families_get_a_body_and_head(arch):
+def test_other_cnn_families_get_a_body_head_and_three_real_groups(arch):
     model = build_model(arch, 4)
     model.eval()
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    assert all(len(group) > 0 for group in layer_groups(model))
 
 
 def test_weights_from_a_state_dict_file(tmp_path):

@@ -68,7 +68,7 @@ def test_one_cycle_drives_a_real_optimizer():
     assert seen[0] == pytest.approx([1e-5 / 25, 1e-4 / 25, 1e-3 / 25])
     assert seen[25] == pytest.approx([1e-5, 1e-4, 1e-3])
     assert max(s[2] for s in seen) == pytest.approx(1e-3)
-    assert seen[-1][2] < 1e-5
+    assert seen[-1][2] == pytest.approx(one_cycle_lr(0.99, 1e-3, 0.25)) and seen[-1][2] < 1e-5
     assert opt.param_groups[0]["betas"][0] == pytest.approx(one_cycle_mom(0.99, 0.25))
     with pytest.raises(ValueError, match="3 learning rates for 2"):
         OneCycle(torch.optim.AdamW([{"params": [weights[0]]}, {"params": [weights[1]]}]), [1, 2, 3], 10, 0.25)

@@ -25,6 +25,11 @@ class Runtime:
         # bf16 has fp32's exponent range; only fp16 gradients underflow without loss scaling.
         return self.amp_dtype == torch.float16
 
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked host batches make host-to-GPU copies asynchronous; only CUDA uses them."""
+        return self.device.type == "cuda"
+
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
@@ -52,7 +57,8 @@ def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
     if requested == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bf16 (pre-Ampere GPUs) is slow: those get fp16 with loss scaling instead.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if requested == "fp32":
         return None
     if requested == "fp16" and device.type not in ("cuda", "mps"):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from tqdm import tqdm
 
 from petpipe.device import Runtime
 from petpipe.errors import PetpipeError
+from petpipe.files import atomic_open
 from petpipe.model import layer_groups
 from petpipe.schedule import OneCycle
 
@@ -27,10 +26,43 @@ class DivergedError(PetpipeError):
     """The training loss became NaN or infinite: the learning rate is too high."""
 
 
-def make_optimizer(model: nn.Sequential, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with one parameter group per layer group (decoupled weight decay, as fastai's Adam)."""
-    groups = [{"params": params, "lr": 0.0} for params in layer_groups(model)]
-    return torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay)
+def no_decay_params(module: nn.Module) -> set[int]:
+    """ids of BatchNorm parameters and biases: fastai (``wd_bn_bias=False``) does not decay them."""
+    ids = {id(p) for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for p in m.parameters(recurse=False)}
+    return ids | {id(p) for name, p in module.named_parameters() if name.endswith("bias")}
+
+
+def make_optimizer(model: nn.Module, weight_decay: float, groups_of_params: list[list[nn.Parameter]]) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay, as fastai's Adam) with two parameter groups per layer group.
+
+    Each group records its ``layer_group`` so discriminative LRs can be applied per layer group.
+    """
+    skip = no_decay_params(model)
+    groups = []
+    for index, params in enumerate(groups_of_params):
+        for decay in (True, False):
+            chosen = [p for p in params if (id(p) not in skip) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": 0.0, "weight_decay": weight_decay if decay else 0.0, "layer_group": index})
+    return torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS)
+
+
+def per_param_group(optimizer: torch.optim.Optimizer, per_layer_group: list[float]) -> list[float]:
+    """Expand one value per layer group to one per optimizer parameter group."""
+    return [per_layer_group[g.get("layer_group", i)] for i, g in enumerate(optimizer.param_groups)]
+
+
+def train_step(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime
+) -> float:
+    """Forward under autocast, scaled backward, one optimizer step; returns the loss (one sync)."""
+    with runtime.autocast():
+        loss = nn.functional.cross_entropy(model(images.to(runtime.device, non_blocking=True)), targets.to(runtime.device, non_blocking=True))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
 
 
 def train_one_epoch(
@@ -46,19 +78,12 @@ def train_one_epoch(
     model.train()
     total, count = 0.0, 0
     for images, targets in tqdm(loader, desc=desc, leave=False, mininterval=1.0):
-        images = images.to(runtime.device, non_blocking=True)
-        targets = targets.to(runtime.device, non_blocking=True)
         schedule.apply()
-        with runtime.autocast():
-            loss = nn.functional.cross_entropy(model(images), targets)
-        if not math.isfinite(loss.item()):
-            raise DivergedError(f"training loss became {loss.item()} at step {schedule.step_num}: lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss = train_step(model, images, targets, optimizer, scaler, runtime)
+        if not math.isfinite(loss):
+            raise DivergedError(f"training loss became {loss} at step {schedule.step_num}: lower the learning rate")
         schedule.step()
-        total += loss.item() * len(targets)
+        total += loss * len(targets)
         count += len(targets)
     return total / max(count, 1)
 
@@ -93,11 +118,11 @@ def fit_one_cycle(
     weight_decay: float,
     runtime: Runtime,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
-) -> tuple[list[dict[str, float]], torch.optim.Optimizer]:
+) -> list[dict[str, float]]:
     """fastai's ``fit_one_cycle``: one cycle over all epochs; returns the per-epoch metrics."""
     model.to(runtime.device)
-    optimizer = make_optimizer(model, weight_decay)
-    schedule = OneCycle(optimizer, lr_max, total_steps=epochs * len(train_loader), pct_start=pct_start)
+    optimizer = make_optimizer(model, weight_decay, layer_groups(model))
+    schedule = OneCycle(optimizer, per_param_group(optimizer, lr_max), total_steps=epochs * len(train_loader), pct_start=pct_start)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
     history = []
     for epoch in range(epochs):
@@ -107,27 +132,14 @@ def fit_one_cycle(
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         if on_epoch_end:
             on_epoch_end(row)
-    return history, optimizer
+    return history
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file, then rename: a crash never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def save_checkpoint(path: Path, model: nn.Module, *, meta: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> None:
+def save_checkpoint(path: Path, model: nn.Module, *, meta: dict[str, Any]) -> None:
+    """Weights (on the CPU) and what is needed to rebuild the model: arch, classes, size."""
     state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    atomic_save(state, path)
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -8,7 +8,6 @@ complete: an interrupted fetch never leaves a dataset folder that looks finished
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tarfile
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from petpipe.errors import PetpipeError
+from petpipe.files import replace_dir
 
 CHUNK = 1 << 20
 
@@ -121,9 +121,7 @@ def extract(archive: Path, dest: Path) -> int:
         files = sum(1 for p in content.rglob("*") if p.is_file())
         if files == 0:
             raise FetchError(f"data.url: archive {archive} holds no files")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(content, dest)
+        replace_dir(content, dest)
         return files
     finally:
         shutil.rmtree(staging, ignore_errors=True)

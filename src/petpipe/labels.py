@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from petpipe.errors import PetpipeError
+from petpipe.files import atomic_open, write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "valid")
@@ -182,12 +183,12 @@ def write_table(table: LabelTable, out_dir: Path) -> dict[str, Path]:
     """Write table.csv, classes.json and skipped.csv into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"table": out_dir / "table.csv", "classes": out_dir / "classes.json", "skipped": out_dir / "skipped.csv"}
-    with open(paths["table"], "w", newline="") as f:
+    with atomic_open(paths["table"]) as f:
         writer = csv.writer(f)
         writer.writerow(TABLE_COLUMNS)
         writer.writerows((item.path, item.label, item.split) for item in table.items)
-    paths["classes"].write_text(json.dumps(table.classes, indent=1) + "\n")
-    with open(paths["skipped"], "w", newline="") as f:
+    write_json(paths["classes"], table.classes)
+    with atomic_open(paths["skipped"]) as f:
         writer = csv.writer(f)
         writer.writerow(("path", "reason"))
         writer.writerows(table.skipped)

@@ -18,12 +18,12 @@ from tqdm import tqdm
 
 from petpipe.device import Runtime
 from petpipe.errors import PetpipeError
-from petpipe.engine import ADAM_BETAS, ADAM_EPS
+from petpipe.engine import make_optimizer, train_step
 from petpipe.schedule import exp_lr
 
 SMOOTH_BETA = 0.98  # fastai Recorder: exponential moving average of the loss
 DIVERGE_FACTOR = 4.0  # fastai LRFinder: stop when smooth loss > 4 x best
-SKIP_START_FRACTION = 0.1  # fastai lr_find: suggestions ignore the first num_it // 10 points ...
+SKIP_START_DIVISOR = 10  # fastai lr_find: suggestions ignore the first num_it // 10 points ...
 SKIP_END = 5  # ... and the last 5
 AUTO_LR_MULT = 100  # fastai fine_tune: slice(base_lr / lr_mult, base_lr), lr_mult=100
 
@@ -40,36 +40,53 @@ def lr_range_test(
 ) -> dict[str, list[float]]:
     """Train with a growing LR (same for all layers) and record the loss; modifies ``model``'s weights."""
     model.to(runtime.device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=start_lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay)
+    optimizer = make_optimizer(model, weight_decay, [list(model.parameters())])  # one LR for all layers
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-    lrs, raw, smooth = [], [], []
-    average, best = 0.0, math.inf
+    recorder = LossRecorder(warmup=num_it // SKIP_START_DIVISOR)
+    lrs = []
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # cycle through epochs if needed
     for i, (images, targets) in zip(tqdm(range(num_it), desc="lr_find", mininterval=1.0), batches):
-        lr = exp_lr(i / (num_it - 1), start_lr, end_lr)
+        lr = exp_lr(i / num_it, start_lr, end_lr)  # fastai: position train_iter / num_it
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with runtime.autocast():
-            loss = nn.functional.cross_entropy(model(images.to(runtime.device)), targets.to(runtime.device))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        value = loss.item()
-        average = SMOOTH_BETA * average + (1 - SMOOTH_BETA) * value
-        smoothed = average / (1 - SMOOTH_BETA ** (i + 1))
         lrs.append(lr)
-        raw.append(value)
-        smooth.append(smoothed)
-        best = min(best, smoothed)
-        if not math.isfinite(smoothed) or smoothed > DIVERGE_FACTOR * best:
+        if recorder.add(train_step(model, images, targets, optimizer, scaler, runtime)):
             break
-    return {"lr": lrs, "loss": smooth, "raw_loss": raw}
+    return {"lr": lrs, "loss": recorder.smooth, "raw_loss": recorder.raw}
 
 
-def trimmed(lrs: list[float], losses: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Drop the noisy start and the diverging end, as fastai does before suggesting."""
-    start = int(len(lrs) * SKIP_START_FRACTION)
+class LossRecorder:
+    """Exponential moving average of the loss (debiased) and the divergence test.
+
+    Unlike fastai, the divergence test (and the best loss it compares with) starts only after
+    ``warmup`` points: the first few smoothed values rest on one or two mini-batches, and on small
+    data their noise alone can exceed the 4x threshold. Those points are ignored by the
+    suggestions anyway (``num_it // 10``).
+    """
+
+    def __init__(self, warmup: int = 0) -> None:
+        self.warmup = warmup
+        self.raw: list[float] = []
+        self.smooth: list[float] = []
+        self.average, self.best = 0.0, math.inf
+
+    def add(self, loss: float) -> bool:
+        """Record one loss; True when the test should stop (NaN, or smooth loss > 4x best)."""
+        self.average = SMOOTH_BETA * self.average + (1 - SMOOTH_BETA) * loss
+        smoothed = self.average / (1 - SMOOTH_BETA ** (len(self.raw) + 1))
+        self.raw.append(loss)
+        self.smooth.append(smoothed)
+        if not math.isfinite(smoothed):
+            return True
+        if len(self.raw) <= self.warmup:
+            return False
+        self.best = min(self.best, smoothed)
+        return smoothed > DIVERGE_FACTOR * self.best
+
+
+def trimmed(lrs: list[float], losses: list[float], num_it: int) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the noisy start (num_it // 10 points) and the diverging end (5), as fastai does."""
+    start = num_it // SKIP_START_DIVISOR
     end = max(len(lrs) - SKIP_END, start + 2)
     lr, loss = np.asarray(lrs[start:end], float), np.asarray(losses[start:end], float)
     keep = np.isfinite(loss)
@@ -82,8 +99,9 @@ def suggest_minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
 
 
 def suggest_steep(lrs: np.ndarray, losses: np.ndarray) -> float:
-    """The LR where the loss falls fastest per unit of log-LR."""
-    return float(lrs[int(np.argmin(np.gradient(losses, np.log(lrs))))])
+    """The LR where the loss falls fastest per unit of log-LR (forward differences, as fastai)."""
+    slopes = np.diff(losses) / np.diff(np.log(lrs))
+    return float(lrs[int(np.argmin(slopes))])
 
 
 def suggest_valley(lrs: np.ndarray, losses: np.ndarray) -> float:
@@ -106,8 +124,8 @@ def suggest_valley(lrs: np.ndarray, losses: np.ndarray) -> float:
     return float(lrs[max(0, span_start + int(third) + int(third / 2))])
 
 
-def suggest(curve: dict[str, list[float]]) -> dict[str, float]:
-    lrs, losses = trimmed(curve["lr"], curve["loss"])
+def suggest(curve: dict[str, list[float]], num_it: int) -> dict[str, float]:
+    lrs, losses = trimmed(curve["lr"], curve["loss"], num_it)
     if len(lrs) < 3:
         raise PetpipeError(f"lr_find: only {len(curve['lr'])} points before the loss diverged; lower lr_find.start_lr or raise lr_find.num_it")
     return {"valley": suggest_valley(lrs, losses), "minimum": suggest_minimum(lrs, losses), "steep": suggest_steep(lrs, losses)}

@@ -87,10 +87,14 @@ def cut_body(net: nn.Module, arch: str) -> nn.Sequential:
     children = list(net.children())
     pools = [i for i, c in enumerate(children) if isinstance(c, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d))]
     if pools:
-        return nn.Sequential(*children[: pools[-1]])
-    if isinstance(getattr(net, "features", None), nn.Module):  # densenet pools in forward()
-        return nn.Sequential(*net.features.children())
-    raise ModelError(f"train.arch: {arch!r} has no convolutional body followed by pooling; use a CNN such as resnet34 or convnext_tiny")
+        body = children[: pools[-1]]
+    elif isinstance(getattr(net, "features", None), nn.Module):  # densenet pools in forward()
+        body = [net.features]
+    else:
+        raise ModelError(f"train.arch: {arch!r} has no convolutional body followed by pooling; use a CNN such as resnet34 or convnext_tiny")
+    if len(body) == 1 and isinstance(body[0], nn.Sequential):  # vgg, efficientnet, convnext: one `features` block
+        body = list(body[0].children())  # its stages, so the layer groups can split them
+    return nn.Sequential(*body)
 
 
 def body_features(body: nn.Module) -> int:

@@ -10,43 +10,22 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from petpipe.config import Config, ConfigError, load_config, stage_params
 from petpipe.errors import PetpipeError
+from petpipe.files import atomic_open, write_bytes, write_json, write_text
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` via a temp file + rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """CSV with a header from the first row's keys (DVC plots read it directly)."""
-    from io import StringIO
-
-    buffer = StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, buffer.getvalue())
+def write_rows(path: Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """CSV with a header (``columns``, else the first row's keys); DVC plots read it directly."""
+    with atomic_open(path) as f:
+        writer = csv.DictWriter(f, fieldnames=columns or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_rows(path: Path) -> list[dict[str, float]]:
@@ -92,13 +71,25 @@ def run_labels(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> d
     return counts
 
 
+def _prepare(cfg: Config):
+    """Device and precision (a bad choice fails here, before any work), then every seed.
+
+    Seeding comes before any model is built, so ``seed`` fixes the head's (and, with
+    ``train.weights: none``, the body's) initial weights as well as the data order.
+    """
+    from petpipe.device import make_runtime, seed_everything
+
+    runtime = make_runtime(cfg.device, cfg.precision)
+    return runtime, seed_everything(cfg.seed)
+
+
 def _loaders(cfg: Config, dataset: Path, table, runtime, generator):
     from petpipe.data import make_loaders
 
     t = cfg.train
     return make_loaders(
         dataset, table, size=t.size, batch_size=t.batch_size, num_workers=t.num_workers, min_scale=t.min_scale,
-        flip=t.flip, generator=generator, pin_memory=runtime.device.type == "cuda",
+        flip=t.flip, generator=generator, pin_memory=runtime.pin_memory,
     )  # fmt: skip
 
 
@@ -115,29 +106,26 @@ def _restore(checkpoint: Path):
 
 
 def _fit_stage(
-    cfg: Config, stage: str, *, model, meta: dict, dataset: Path, table, epochs: int, lr_max: list[float], pct_start: float,
-    checkpoint: Path, metrics: Path, plot: Path, extra_metrics: dict[str, float] | None = None,
+    cfg: Config, stage: str, *, runtime, generator, model, meta: dict, dataset: Path, table, epochs: int, lr_max: list[float],
+    pct_start: float, checkpoint: Path, metrics: Path, plot: Path, extra_metrics: dict[str, float] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Shared body of train_frozen and finetune: one-cycle fit, checkpoint, metrics, curves, MLflow."""
-    from petpipe.device import make_runtime, seed_everything
     from petpipe.engine import fit_one_cycle, save_checkpoint
     from petpipe.model import count_trainable
     from petpipe.tracking import stage_run
 
-    runtime = make_runtime(cfg.device, cfg.precision)
-    generator = seed_everything(cfg.seed)
     train_loader, valid_loader = _loaders(cfg, dataset, table, runtime, generator)
     print(f"{stage}: {runtime.describe()}; {len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid images; "
           f"{count_trainable(model):,} trainable parameters; lr_max per layer group {['%.2e' % lr for lr in lr_max]}")  # fmt: skip
     with stage_run(stage, stage_params(cfg, stage)) as run:
         run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
         run.log_params({f"{stage}.lr_max_groups": [float(f"{lr:.4g}") for lr in lr_max]})
-        history, optimizer = fit_one_cycle(
+        history = fit_one_cycle(
             model, train_loader, valid_loader, epochs=epochs, lr_max=lr_max, pct_start=pct_start,
             weight_decay=cfg.train.weight_decay, runtime=runtime,
             on_epoch_end=lambda row: run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
         )  # fmt: skip
-        save_checkpoint(checkpoint, model, meta={**meta, "stage": stage, "epochs": epochs}, optimizer=optimizer)
+        save_checkpoint(checkpoint, model, meta={**meta, "stage": stage, "epochs": epochs})
         final = {k: v for k, v in history[-1].items() if k != "epoch"} | (extra_metrics or {})
         write_json(metrics, final)
         write_rows(plot, history)
@@ -149,42 +137,40 @@ def run_train_frozen(cfg: Config, *, dataset: Path, table_csv: Path, classes_jso
     from petpipe.labels import read_table
     from petpipe.model import build_model, freeze_body, layer_groups
 
+    runtime, generator = _prepare(cfg)
     table = read_table(table_csv, classes_json)
     model = build_model(cfg.train.arch, len(table.classes), cfg.train.weights)
     freeze_body(model)
     meta = {"arch": cfg.train.arch, "classes": table.classes, "size": cfg.train.size}
     lr_max = [cfg.train_frozen.lr] * len(layer_groups(model))
     return _fit_stage(
-        cfg, "train_frozen", model=model, meta=meta, dataset=dataset, table=table, epochs=cfg.train_frozen.epochs,
+        cfg, "train_frozen", runtime=runtime, generator=generator, model=model, meta=meta, dataset=dataset, table=table, epochs=cfg.train_frozen.epochs,
         lr_max=lr_max, pct_start=cfg.train_frozen.pct_start, checkpoint=checkpoint, metrics=metrics, plot=plot,
     )  # fmt: skip
 
 
 def run_lr_find(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, checkpoint: Path, result: Path, plot: Path, figure: Path) -> dict:
-    from petpipe.device import make_runtime, seed_everything
     from petpipe.labels import read_table
     from petpipe.lr_find import auto_max_lr, lr_range_test, suggest
     from petpipe.model import unfreeze
     from petpipe.report import lr_find_figure
     from petpipe.tracking import stage_run
 
-    runtime = make_runtime(cfg.device, cfg.precision)
-    generator = seed_everything(cfg.seed)
+    runtime, generator = _prepare(cfg)
     table = read_table(table_csv, classes_json)
     model, _ = _restore(checkpoint)
     unfreeze(model)
     train_loader, _ = _loaders(cfg, dataset, table, runtime, generator)
     with stage_run("lr_find", stage_params(cfg, "lr_find")) as run:
-        run.set_tags({"device": runtime.describe()})
+        run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
         lf = cfg.lr_find
         curve = lr_range_test(model, train_loader, runtime, start_lr=lf.start_lr, end_lr=lf.end_lr, num_it=lf.num_it, weight_decay=cfg.train.weight_decay)
-        suggestions = suggest(curve)
+        suggestions = suggest(curve, lf.num_it)
         lo, hi = auto_max_lr(suggestions)
         summary = {**suggestions, "auto_max_lr_lo": lo, "auto_max_lr_hi": hi, "iterations": len(curve["lr"])}
         write_json(result, summary)
         write_rows(plot, [{"lr": lr, "loss": loss} for lr, loss in zip(curve["lr"], curve["loss"])])
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        figure.write_bytes(lr_find_figure(curve["lr"], curve["loss"], suggestions))
+        write_bytes(figure, lr_find_figure(curve["lr"], curve["loss"], suggestions))
         for i, (lr, loss) in enumerate(zip(curve["lr"], curve["loss"])):
             run.log_metrics({"lr_find_loss": loss, "lr_find_lr": lr}, step=i)
         run.log_metrics(summary)
@@ -212,13 +198,14 @@ def run_finetune(
     from petpipe.model import layer_groups, unfreeze
     from petpipe.schedule import discriminative_lrs
 
+    runtime, generator = _prepare(cfg)
     table = read_table(table_csv, classes_json)
     lo, hi = resolve_max_lr(cfg.finetune.max_lr, lr_find_result)
     model, meta = _restore(checkpoint)
     unfreeze(model)
     lr_max = discriminative_lrs(lo, hi, len(layer_groups(model)))
     return _fit_stage(
-        cfg, "finetune", model=model, meta=meta, dataset=dataset, table=table, epochs=cfg.finetune.epochs, lr_max=lr_max,
+        cfg, "finetune", runtime=runtime, generator=generator, model=model, meta=meta, dataset=dataset, table=table, epochs=cfg.finetune.epochs, lr_max=lr_max,
         pct_start=cfg.finetune.pct_start, checkpoint=final, metrics=metrics, plot=plot,
         extra_metrics={"max_lr_lo": lo, "max_lr_hi": hi},
     )  # fmt: skip
@@ -228,22 +215,20 @@ def run_report(
     cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, final: Path, curves: list[Path], lr_find_figure_path: Path,
     out_dir: Path, html_path: Path, metrics: Path,
 ) -> dict:  # fmt: skip
-    from PIL import Image
-
     from petpipe import interpret as it
     from petpipe import report as rp
     from petpipe.data import ImageTable, make_loader, valid_transform
-    from petpipe.device import make_runtime
     from petpipe.engine import predict
     from petpipe.labels import read_table
     from petpipe.tracking import stage_run
 
-    runtime = make_runtime(cfg.device, cfg.precision)
+    runtime, _ = _prepare(cfg)
     table = read_table(table_csv, classes_json)
     model, meta = _restore(final)
     valid = ImageTable(dataset, table, "valid", valid_transform(meta["size"]))
-    loader = make_loader(valid, batch_size=cfg.train.batch_size, train=False, num_workers=cfg.train.num_workers)
+    loader = make_loader(valid, batch_size=cfg.train.batch_size, train=False, num_workers=cfg.train.num_workers, pin_memory=runtime.pin_memory)
     with stage_run("report", stage_params(cfg, "report")) as run:
+        run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
         interp = it.Interpretation.from_logits(*predict(model.to(runtime.device), loader, runtime))
         classes = table.classes
         cm = it.confusion_matrix(interp.targets, interp.preds, len(classes))
@@ -252,21 +237,20 @@ def run_report(
         worst = it.top_losses(interp.losses, cfg.report.top_losses)
         summary = it.summary(interp)
 
-        out_dir.mkdir(parents=True, exist_ok=True)
         figures = {
             "confusion": rp.confusion_figure(cm, classes),
             "top_losses": rp.top_losses_figure(
-                [_thumbnail(Image, valid.samples[i][0]) for i in worst],
+                [rp.thumbnail(valid.samples[i][0]) for i in worst],
                 [f"{classes[interp.preds[i]]}/{classes[interp.targets[i]]}/{interp.losses[i]:.2f}/{interp.probs[i, interp.preds[i]]:.2f}" for i in worst],
             ),
             "curves": rp.curves_figure({p.stem: read_rows(p) for p in curves}),
         }
         for name, png in figures.items():
-            (out_dir / f"{name}.png").write_bytes(png)
+            write_bytes(out_dir / f"{name}.png", png)
         write_rows(out_dir / "per_class.csv", per_class)
-        write_rows(out_dir / "most_confused.csv", [{"actual": a, "predicted": p, "count": n} for a, p, n in confused] or [{"actual": "", "predicted": "", "count": 0}])
-        np_cm = [{"actual": classes[i], **{c: int(v) for c, v in zip(classes, row)}} for i, row in enumerate(cm)]
-        write_rows(out_dir / "confusion.csv", np_cm)
+        confused_rows = [{"actual": a, "predicted": p, "count": n} for a, p, n in confused]
+        write_rows(out_dir / "most_confused.csv", confused_rows, columns=["actual", "predicted", "count"])
+        write_rows(out_dir / "confusion.csv", [{"actual": classes[i], **dict(zip(classes, map(int, row)))} for i, row in enumerate(cm)])
 
         page = rp.render_html(
             f"petpipe report: {meta['arch']} on {len(classes)} classes",
@@ -277,13 +261,13 @@ def run_report(
                 ("Learning-rate finder", rp.img_tag(lr_find_figure_path.read_bytes(), "lr_find")),
                 ("Confusion matrix", rp.img_tag(figures["confusion"], "confusion matrix")),
                 ("Most confused (actual, predicted, count)",
-                 rp.table_html([{"actual": a, "predicted": p, "count": n} for a, p, n in confused[:30]], ["actual", "predicted", "count"])
+                 rp.table_html(confused_rows[:30], ["actual", "predicted", "count"])
                  if confused else "<p>No confusions at or above report.most_confused_min.</p>"),
                 (f"Top {len(worst)} losses", rp.img_tag(figures["top_losses"], "top losses")),
                 ("Per-class metrics", rp.table_html(per_class, ["class", "precision", "recall", "f1", "support"])),
             ],
         )  # fmt: skip
-        write_atomic(html_path, page)
+        write_text(html_path, page)
         write_json(metrics, summary)
         run.log_metrics(summary)
         run.log_artifact(html_path)
@@ -293,25 +277,22 @@ def run_report(
     return summary
 
 
-def _thumbnail(image_module, path: Path, side: int = 224):
-    with image_module.open(path) as img:
-        img = img.convert("RGB") if img.mode not in ("RGB", "L") else img.copy()
-    img.thumbnail((side, side))
-    return img
-
-
 # ------------------------------------------------------------------------------- entry points
 
 
-def stage_main(run: Callable[..., Any], arguments: list[tuple[str, str]], argv: list[str] | None = None) -> int:
+def stage_main(
+    run: Callable[..., Any], arguments: list[tuple[str, str]], description: str, multiple: tuple[str, ...] = (), argv: list[str] | None = None
+) -> int:  # fmt: skip
     """Common ``main`` for the scripts in stages/: ``--params`` plus the named path arguments.
 
-    Known user errors print one clear line and exit 2, without a traceback.
+    Arguments named in ``multiple`` take one or more paths. Known user errors print one clear
+    line and exit 2, without a traceback.
     """
-    parser = argparse.ArgumentParser(description=run.__doc__ or run.__name__)
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     for name, help_text in arguments:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, help=help_text, nargs="+" if name == "curves" else None)
+        nargs = "+" if name in multiple else None
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, help=help_text, nargs=nargs)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.params)

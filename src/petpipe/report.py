@@ -7,6 +7,7 @@ import html
 import io
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 
 import matplotlib
 
@@ -14,6 +15,14 @@ matplotlib.use("Agg")  # headless: stages run without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+
+def thumbnail(path: Path, side: int = 224) -> Image.Image:
+    """The image at ``path``, at most ``side`` pixels wide and high, in RGB or grayscale."""
+    with Image.open(path) as img:
+        img = img.convert("RGB") if img.mode not in ("RGB", "L") else img.copy()
+    img.thumbnail((side, side))
+    return img
 
 
 def figure_png(fig: plt.Figure) -> bytes:
