@@ -129,3 +129,14 @@ def test_bad_params_fail_before_work_with_a_clear_message(repo):
     )  # fmt: skip
     assert result.returncode == 2
     assert "error: " in result.stderr and "unknown key 'train.archh'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_temp_workspace_experiments_log_to_the_repository_store(repo):
+    before = runs_by_stage(repo)
+    run(["dvc", "exp", "run", "--temp", "-n", "in-temp", "-S", "finetune.epochs=3"], repo)
+    after = runs_by_stage(repo)
+    assert len(after["finetune"]) == len(before["finetune"]) + 1 and len(after["report"]) == len(before["report"]) + 1
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        uris = [u for (u,) in db.execute("SELECT artifact_uri FROM runs WHERE name = 'finetune'")]
+    assert all(u.startswith((repo / "mlartifacts").resolve().as_uri()) for u in uris), uris

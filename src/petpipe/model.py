@@ -62,7 +62,14 @@ def load_torchvision(arch: str, weights: str) -> nn.Module:
     if arch not in available_archs():
         raise ModelError(f"train.arch: {arch!r} is not a torchvision classification model")
     if weights == "imagenet":
-        return models.get_model(arch, weights="DEFAULT")
+        try:
+            return models.get_model(arch, weights="DEFAULT")
+        except (OSError, RuntimeError) as err:  # urllib errors are OSErrors; a corrupt cached file a RuntimeError
+            raise ModelError(
+                f"train.weights: torchvision's ImageNet weights for {arch} could not be loaded ({err}); they are "
+                "downloaded once into the torch hub cache, so run with network access once, or set train.weights "
+                "to a state-dict file"
+            ) from None
     net = models.get_model(arch, weights=None)
     if weights == "none":
         return net

@@ -130,6 +130,7 @@ def _fit_stage(
         write_json(metrics, final)
         write_rows(plot, history)
         run.log_artifact(plot, "curves")
+        run.log_artifact(checkpoint, "model")
     return final
 
 

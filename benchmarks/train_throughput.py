@@ -1,0 +1,76 @@
+"""Training throughput of petpipe's own train step, per precision, on the chosen device.
+
+    .venv/bin/python benchmarks/train_throughput.py --arch resnet34 --size 224 --batch-size 64
+
+Runs ``petpipe.engine.train_step`` (autocast + GradScaler, the code the pipeline uses) on
+synthetic batches already on the device, so it measures the model's forward/backward/step, not
+JPEG decoding. Prints images/s per precision, the ratio to fp32, and peak GPU memory. On a GPU it
+is the prepared check of the CUDA and AMP paths; on a CPU keep it small (resnet18, 64 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from petpipe.device import Runtime, pick_device, pick_precision, seed_everything
+from petpipe.engine import make_optimizer, train_step
+from petpipe.model import build_model, layer_groups
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(runtime: Runtime, *, arch: str, size: int, batch_size: int, steps: int, warmup: int, classes: int) -> dict[str, float]:
+    seed_everything(0)
+    model = build_model(arch, classes).to(runtime.device).train()
+    optimizer = make_optimizer(model, 0.01, layer_groups(model))
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-4
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
+    images = torch.randn(batch_size, 3, size, size, device=runtime.device)
+    targets = torch.randint(0, classes, (batch_size,), device=runtime.device)
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+    for _ in range(warmup):
+        train_step(model, images, targets, optimizer, scaler, runtime)
+    synchronize(runtime.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, images, targets, optimizer, scaler, runtime)
+    synchronize(runtime.device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(runtime.device) / 2**30 if runtime.device.type == "cuda" else float("nan")
+    return {"images_per_s": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps, "peak_gib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=37)
+    parser.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+    parser.add_argument("--precisions", default="fp32,auto", help="comma-separated: fp32, fp16, bf16, auto")
+    args = parser.parse_args()
+
+    device = pick_device(args.device)
+    print(f"{args.arch} {args.size}px batch {args.batch_size}, {args.steps} timed steps on {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"))  # fmt: skip
+    baseline = None
+    for name in args.precisions.split(","):
+        runtime = Runtime(device, pick_precision(name, device))
+        result = measure(runtime, arch=args.arch, size=args.size, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, classes=args.classes)
+        baseline = baseline or result["images_per_s"]
+        print(f"  {name:>5} -> {runtime.precision:>4}: {result['images_per_s']:8.1f} images/s  {result['step_ms']:8.1f} ms/step  "
+              f"x{result['images_per_s'] / baseline:.2f} vs first  peak {result['peak_gib']:.2f} GiB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
