@@ -1,5 +1,6 @@
 import hashlib
 import os
+import tarfile
 
 import pytest
 from conftest import tar_bytes
@@ -115,3 +116,15 @@ def test_zip_archives_work(tmp_path):
         zf.writestr("top/train/b/1.png", b"y")
     assert extract(archive, tmp_path / "dataset") == 2
     assert (tmp_path / "dataset" / "train" / "a" / "1.png").is_file()
+
+
+def test_path_traversal_is_refused_without_tar_filters_too(tmp_path, monkeypatch):
+    monkeypatch.delattr(tarfile, "data_filter")  # as on Python < 3.11.4
+    evil = tmp_path / "evil.tgz"
+    evil.write_bytes(tar_bytes({"top/ok.txt": b"y", "top/../../escape.txt": b"x"}))
+    with pytest.raises(FetchError, match="unsafe entry"):
+        extract(evil, tmp_path / "out" / "dataset")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out" / "dataset").exists()
+    good = tmp_path / "good.tgz"
+    good.write_bytes(tar_bytes({"top/a/1.png": b"1", "top/b/2.png": b"2"}))
+    assert extract(good, tmp_path / "out" / "dataset") == 2

@@ -138,12 +138,25 @@ def _unpack(archive: Path, into: Path) -> None:
                 zf.extractall(into)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
-                # The "data" filter refuses absolute paths, "..", links out of the folder and devices.
-                tf.extractall(into, filter="data")
+                if hasattr(tarfile, "data_filter"):
+                    # The "data" filter refuses absolute paths, "..", links out of the folder and devices.
+                    tf.extractall(into, filter="data")
+                else:  # Python < 3.11.4 has no extraction filters: check the members ourselves
+                    tf.extractall(into, members=safe_members(tf, into, archive))
         else:
             raise FetchError(f"data.url: {archive} is neither a tar nor a zip archive")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
         raise FetchError(f"data.url: cannot extract {archive}: {err}") from None
+
+
+def safe_members(tf: tarfile.TarFile, into: Path, archive: Path) -> list[tarfile.TarInfo]:
+    """Regular files and folders whose paths stay inside ``into``; anything else is an error."""
+    root = into.resolve()
+    members = tf.getmembers()
+    for m in members:
+        if not (m.isfile() or m.isdir()) or not (root / m.name).resolve().is_relative_to(root):
+            raise FetchError(f"data.url: archive {archive} has an unsafe entry (link, device or path outside its folder): {m.name!r}")
+    return members
 
 
 def fetch(url: str, sha256: str | None, dest: Path, root: Path, downloads: Path) -> FetchResult:

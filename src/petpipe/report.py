@@ -82,7 +82,7 @@ def curves_figure(histories: dict[str, list[dict[str, float]]]) -> bytes:
         loss_ax.plot(epochs, [r["valid_loss"] for r in rows], "s--", label=f"{stage} valid")
         acc_ax.plot(epochs, [r["accuracy"] for r in rows], "o-", label=stage)
         offset += len(rows)
-    loss_ax.set(xlabel="Epoch", ylabel="Loss", title="Loss")
+    loss_ax.set(xlabel="Epoch", ylabel="Loss (log scale)", title="Loss", yscale="log")
     acc_ax.set(xlabel="Epoch", ylabel="Accuracy", title="Validation accuracy")
     loss_ax.legend()
     acc_ax.legend()
