@@ -2,7 +2,7 @@
 
 import sys
 
-from petpipe.pipeline import run_finetune, stage_main
+from petpipe.pipeline import LABELLED_DATA, run_finetune, stage_main
 
 if __name__ == "__main__":
     sys.exit(
@@ -10,9 +10,7 @@ if __name__ == "__main__":
             run_finetune,
             description=__doc__,
             arguments=[
-                ("dataset", "extracted dataset folder"),
-                ("table_csv", "labels table"),
-                ("classes_json", "class list"),
+                *LABELLED_DATA,
                 ("checkpoint", "stage-1 checkpoint to read"),
                 ("lr_find_result", "lr_find's suggested LRs (for max_lr: auto)"),
                 ("final", "final model checkpoint to write"),

@@ -2,7 +2,7 @@
 
 import sys
 
-from petpipe.pipeline import run_lr_find, stage_main
+from petpipe.pipeline import LABELLED_DATA, run_lr_find, stage_main
 
 if __name__ == "__main__":
     sys.exit(
@@ -10,9 +10,7 @@ if __name__ == "__main__":
             run_lr_find,
             description=__doc__,
             arguments=[
-                ("dataset", "extracted dataset folder"),
-                ("table_csv", "labels table"),
-                ("classes_json", "class list"),
+                *LABELLED_DATA,
                 ("checkpoint", "stage-1 checkpoint to read"),
                 ("result", "suggested LRs JSON"),
                 ("plot", "loss-vs-LR CSV"),

@@ -2,7 +2,7 @@
 
 import sys
 
-from petpipe.pipeline import run_report, stage_main
+from petpipe.pipeline import LABELLED_DATA, run_report, stage_main
 
 if __name__ == "__main__":
     sys.exit(
@@ -10,9 +10,7 @@ if __name__ == "__main__":
             run_report,
             description=__doc__,
             arguments=[
-                ("dataset", "extracted dataset folder"),
-                ("table_csv", "labels table"),
-                ("classes_json", "class list"),
+                *LABELLED_DATA,
                 ("final", "final model checkpoint"),
                 ("curves", "per-epoch CSVs of the training stages"),
                 ("lr_find_figure_path", "lr_find PNG to embed"),

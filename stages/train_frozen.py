@@ -2,7 +2,7 @@
 
 import sys
 
-from petpipe.pipeline import run_train_frozen, stage_main
+from petpipe.pipeline import LABELLED_DATA, run_train_frozen, stage_main
 
 if __name__ == "__main__":
     sys.exit(
@@ -10,9 +10,7 @@ if __name__ == "__main__":
             run_train_frozen,
             description=__doc__,
             arguments=[
-                ("dataset", "extracted dataset folder"),
-                ("table_csv", "labels table"),
-                ("classes_json", "class list"),
+                *LABELLED_DATA,
                 ("checkpoint", "stage-1 checkpoint to write"),
                 ("metrics", "final-epoch metrics JSON"),
                 ("plot", "per-epoch metrics CSV"),

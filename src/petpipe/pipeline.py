@@ -281,6 +281,10 @@ def run_report(
 # ------------------------------------------------------------------------------- entry points
 
 
+# The path arguments every stage after `labels` takes: the dataset and its labels table.
+LABELLED_DATA = [("dataset", "extracted dataset folder"), ("table_csv", "labels table"), ("classes_json", "class list")]
+
+
 def stage_main(
     run: Callable[..., Any], arguments: list[tuple[str, str]], description: str, multiple: tuple[str, ...] = (), argv: list[str] | None = None
 ) -> int:  # fmt: skip
