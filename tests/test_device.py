@@ -10,7 +10,7 @@ def test_auto_falls_back_to_what_is_available():
     assert pick_device("auto").type == expected
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a CPU-only machine")
 def test_unavailable_device_is_a_clear_error():
     with pytest.raises(PetpipeError, match="device: 'cuda' was requested but is not available here; usable: auto, cpu"):
         pick_device("cuda")

@@ -140,3 +140,18 @@ def test_temp_workspace_experiments_log_to_the_repository_store(repo):
     with sqlite3.connect(repo / "mlflow.db") as db:
         uris = [u for (u,) in db.execute("SELECT artifact_uri FROM runs WHERE name = 'finetune'")]
     assert all(u.startswith((repo / "mlartifacts").resolve().as_uri()) for u in uris), uris
+
+
+def test_dataset_travels_through_a_dvc_remote(repo, tmp_path):
+    """A second clone gets data/dataset from `dvc pull`, without the source archive."""
+    run(["dvc", "remote", "add", "-f", "-d", "store", str(tmp_path / "remote")], repo)
+    run(["dvc", "push", "fetch"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "results and remote"], repo)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    (clone / "assets" / "tiny.tgz").unlink()  # the source is gone: only the remote can provide the data
+    run(["dvc", "pull", "fetch"], clone)
+    assert sorted(p.name for p in (clone / "data/dataset/train").iterdir()) == ["blue", "green", "red"]
+    status = run(["dvc", "status", "fetch"], clone)
+    assert "up to date" in status.stdout  # fetch would not run again on this machine

@@ -32,7 +32,9 @@ def test_http_download_then_extract(tmp_path, dataset_tarball, http_server):
     dest, downloads = tmp_path / "dataset", tmp_path / "dl"
     result = fetch(f"{base}/tiny.tgz", sha(dataset_tarball), dest=dest, root=tmp_path, downloads=downloads)
     assert result.files == 33 and (dest / "train" / "green").is_dir()
-    assert list(downloads.iterdir()) == []  # the extracted copy is the one kept
+    assert [p.name for p in downloads.iterdir()] == ["tiny.tgz"]  # kept: a re-run does not download again
+    (www / "tiny.tgz").unlink()
+    fetch(f"{base}/tiny.tgz", sha(dataset_tarball), dest=dest, root=tmp_path, downloads=downloads)  # offline re-run works
 
 
 def test_download_resumes_from_a_part_file(tmp_path, http_server):
@@ -40,9 +42,10 @@ def test_download_resumes_from_a_part_file(tmp_path, http_server):
     payload = bytes(range(256)) * 4096
     (www / "blob.bin").write_bytes(payload)
     target = tmp_path / "blob.bin"
-    target.with_name("blob.bin.part").write_bytes(payload[:300_000])  # an earlier, interrupted try
+    # An earlier, interrupted try; zeros instead of the real bytes prove the start is not fetched again.
+    target.with_name("blob.bin.part").write_bytes(bytes(300_000))
     download(f"{base}/blob.bin", target)
-    assert target.read_bytes() == payload
+    assert target.read_bytes() == bytes(300_000) + payload[300_000:]
     assert not target.with_name("blob.bin.part").exists()
 
 

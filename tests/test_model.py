@@ -55,7 +55,7 @@ def test_three_layer_groups_cover_every_parameter_once(resnet):
     assert {id(p) for p in resnet[0][6].parameters()} <= {id(p) for p in groups[1]}
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "densenet121", "efficientnet_b0"])
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "densenet121", "efficientnet_b0", "regnet_y_400mf"])
 def test_other_cnn_families_get_a_body_head_and_three_real_groups(arch):
     model = build_model(arch, 4)
     model.eval()
@@ -78,6 +78,8 @@ def test_bad_weights_path_and_mismatched_file(tmp_path):
         load_torchvision("resnet18", str(tmp_path / "r34.pt"))
 
 
-def test_non_cnn_is_refused():
+def test_non_cnn_and_auxiliary_head_models_are_refused():
     with pytest.raises(ModelError, match="train.arch: 'vit_b_16' has no convolutional body"):
         build_model("vit_b_16", 2)
+    with pytest.raises(ModelError, match="train.arch: 'googlenet' has auxiliary classifiers"):
+        build_model("googlenet", 2)

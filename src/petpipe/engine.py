@@ -27,8 +27,9 @@ class DivergedError(PetpipeError):
 
 
 def no_decay_params(module: nn.Module) -> set[int]:
-    """ids of BatchNorm parameters and biases: fastai (``wd_bn_bias=False``) does not decay them."""
-    ids = {id(p) for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for p in m.parameters(recurse=False)}
+    """ids of normalisation-layer parameters and biases: fastai (``wd_bn_bias=False``) does not decay them."""
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    ids = {id(p) for m in module.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
     return ids | {id(p) for name, p in module.named_parameters() if name.endswith("bias")}
 
 

@@ -176,8 +176,7 @@ def fetch(url: str, sha256: str | None, dest: Path, root: Path, downloads: Path)
         if is_remote(url):
             archive.unlink(missing_ok=True)  # a corrupt download must not be trusted next time
         raise
-    size = archive.stat().st_size
     files = extract(archive, dest)
-    if is_remote(url):
-        archive.unlink()  # the extracted folder is the DVC-cached copy; keep one, not two
-    return FetchResult(archive=archive, sha256=digest, archive_bytes=size, files=files)
+    # A downloaded archive stays in ``downloads``: when fetch re-runs (a code change re-runs every
+    # stage) it is verified and extracted again without another download.
+    return FetchResult(archive=archive, sha256=digest, archive_bytes=archive.stat().st_size, files=files)

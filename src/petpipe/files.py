@@ -23,10 +23,17 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO]:
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
             yield f
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: Path, text: str) -> None:
@@ -45,6 +52,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def replace_dir(src: Path, dest: Path) -> None:
     """Move folder ``src`` to ``dest``; an existing ``dest`` is set aside first, removed last."""
+    os.chmod(src, 0o777 & ~current_umask())  # a mkdtemp staging folder is 0700
     old = None
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

@@ -196,6 +196,14 @@ def write_table(table: LabelTable, out_dir: Path) -> dict[str, Path]:
 
 
 def read_table(table_csv: Path, classes_json: Path) -> LabelTable:
-    with open(table_csv, newline="") as f:
-        items = [Item(row["path"], row["label"], row["split"]) for row in csv.DictReader(f)]
-    return LabelTable(items, json.loads(classes_json.read_text()))
+    """The labels stage's table and class list; a missing or inconsistent pair is a LabelError."""
+    try:
+        with open(table_csv, newline="") as f:
+            items = [Item(row["path"], row["label"], row["split"]) for row in csv.DictReader(f)]
+        classes = json.loads(classes_json.read_text())
+    except (OSError, KeyError, ValueError) as err:
+        raise LabelError(f"cannot read the labels table {table_csv} / {classes_json} ({type(err).__name__}: {err}); re-run the labels stage") from None
+    unknown = sorted({item.label for item in items} - set(classes))
+    if unknown:
+        raise LabelError(f"{table_csv} has labels missing from {classes_json}, e.g. {unknown[:3]}; re-run the labels stage")
+    return LabelTable(items, classes)

@@ -18,6 +18,7 @@ from petpipe.errors import PetpipeError
 
 HIDDEN = 512  # fastai create_head: lin_ftrs=[512]
 DROPOUT = 0.5  # fastai create_head: ps=0.5 (the first dropout uses ps/2)
+AUX_HEAD_ARCHS = ("googlenet", "inception_v3")  # their bodies hold training-only auxiliary classifiers
 BODY_SPLIT = 0.75  # first 3/4 of the body's children form layer group 0 (fastai splits resnets 6/8)
 
 
@@ -91,6 +92,8 @@ def load_torchvision(arch: str, weights: str) -> nn.Module:
 
 def cut_body(net: nn.Module, arch: str) -> nn.Sequential:
     """The network up to (not including) its last pooling child, as fastai's ``create_body`` does."""
+    if arch in AUX_HEAD_ARCHS:
+        raise ModelError(f"train.arch: {arch!r} has auxiliary classifiers inside its body, which petpipe does not support; use e.g. resnet50")
     children = list(net.children())
     pools = [i for i, c in enumerate(children) if isinstance(c, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d))]
     if pools:
@@ -99,8 +102,10 @@ def cut_body(net: nn.Module, arch: str) -> nn.Sequential:
         body = [net.features]
     else:
         raise ModelError(f"train.arch: {arch!r} has no convolutional body followed by pooling; use a CNN such as resnet34 or convnext_tiny")
-    if len(body) == 1 and isinstance(body[0], nn.Sequential):  # vgg, efficientnet, convnext: one `features` block
-        body = list(body[0].children())  # its stages, so the layer groups can split them
+    # vgg, efficientnet, convnext (one `features` block), regnet (stem + trunk): open the blocks so
+    # the layer groups have stages to split.
+    while len(body) < 3 and any(isinstance(m, nn.Sequential) and len(m) > 1 for m in body):
+        body = [c for m in body for c in (m.children() if isinstance(m, nn.Sequential) else [m])]
     return nn.Sequential(*body)
 
 
@@ -122,8 +127,11 @@ def build_model(arch: str, n_classes: int, weights: str = "none") -> nn.Sequenti
 def layer_groups(model: nn.Sequential) -> list[list[nn.Parameter]]:
     """Three groups for discriminative LRs: early body, late body, head."""
     body, head = model[0], model[1]
-    split = max(1, round(BODY_SPLIT * len(body)))
-    return [list(body[:split].parameters()), list(body[split:].parameters()), list(head.parameters())]
+    split = min(max(1, round(BODY_SPLIT * len(body))), len(body) - 1)
+    groups = [list(body[:split].parameters()), list(body[split:].parameters()), list(head.parameters())]
+    if not all(groups):
+        raise ModelError(f"cannot split this body of {len(body)} blocks into two non-empty layer groups")
+    return groups
 
 
 def freeze_body(model: nn.Sequential) -> None:
