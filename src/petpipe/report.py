@@ -6,7 +6,6 @@ import base64
 import html
 import io
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib
@@ -104,7 +103,7 @@ def table_html(rows: Sequence[dict], columns: Sequence[str], float_fmt: str = "{
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{margin-bottom:.2em} .meta{color:#666} section{margin:2em 0}
+h1{margin-bottom:.2em} section{margin:2em 0}
 table{border-collapse:collapse;font-size:.9em} th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3} td:first-child,th:first-child{text-align:left} img{max-width:100%}
 .cards{display:flex;gap:1em;flex-wrap:wrap} .card{border:1px solid #ddd;border-radius:6px;padding:.6em 1em}
@@ -116,9 +115,9 @@ def render_html(title: str, summary: dict[str, str], sections: Sequence[tuple[st
     """A complete HTML page: summary cards, then (heading, trusted HTML body) sections."""
     cards = "".join(f'<div class="card">{html.escape(k)}<b>{html.escape(v)}</b></div>' for k, v in summary.items())
     body = "".join(f"<section><h2>{html.escape(h)}</h2>{content}</section>" for h, content in sections)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    # No timestamp: the same model and data give the same page, byte for byte (DVC and git see no change).
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><p class=\"meta\">generated {stamp}</p>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
         f'<div class="cards">{cards}</div>{body}</body></html>\n'
     )
