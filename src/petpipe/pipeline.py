@@ -3,6 +3,8 @@
 Each ``run_*`` function takes the ``Config`` and explicit paths (which come from dvc.yaml), calls
 library functions with plain keyword arguments, writes the stage's outputs atomically and logs the
 stage execution as one MLflow run. Stage scripts in ``stages/`` only parse paths and call these.
+Heavy modules (torch, mlflow, matplotlib) are imported inside the functions that need them, so a
+stage starts without loading what it does not use.
 """
 
 from __future__ import annotations
