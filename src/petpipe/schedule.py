@@ -74,6 +74,3 @@ class OneCycle:
 
     def step(self) -> None:
         self.step_num += 1
-
-    def state_dict(self) -> dict:
-        return {"step_num": self.step_num, "lr_max": self.lr_max, "total_steps": self.total_steps, "pct_start": self.pct_start}
