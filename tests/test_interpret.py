@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from petpipe.interpret import Interpretation, confusion_matrix, most_confused, per_class_metrics, summary, top_losses
+from petpipe.engine import classification_metrics
+from petpipe.interpret import Interpretation, confusion_matrix, most_confused, per_class_metrics, top_losses
 
 CLASSES = ["cat", "dog", "fox"]
 TARGETS = np.array([0, 0, 0, 1, 1, 2, 2, 2])
@@ -39,5 +40,6 @@ def test_interpretation_losses_and_top_losses():
     interp = Interpretation.from_logits(logits, targets)
     assert interp.losses[2] == pytest.approx(-np.log(np.exp(0) / (np.exp(4) + 1)), rel=1e-5)
     assert top_losses(interp.losses, 2).tolist()[0] == 2
-    s = summary(interp)
-    assert s["accuracy"] == pytest.approx(2 / 3) and s["error_rate"] == pytest.approx(1 / 3)
+    metrics = classification_metrics(logits, targets)
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["error_rate"] == pytest.approx(1 / 3)
+    assert metrics["valid_loss"] == pytest.approx(float(interp.losses.mean()), rel=1e-6)

@@ -57,7 +57,3 @@ def per_class_metrics(cm: np.ndarray, classes: list[str]) -> list[dict[str, floa
         for c, p, r, f, s in zip(classes, precision, recall, f1, actual)
     ]
 
-
-def summary(interp: Interpretation) -> dict[str, float]:
-    accuracy = float((interp.preds == interp.targets).mean())
-    return {"valid_loss": float(interp.losses.mean()), "accuracy": accuracy, "error_rate": 1.0 - accuracy}

@@ -221,7 +221,7 @@ def run_report(
     from petpipe import interpret as it
     from petpipe import report as rp
     from petpipe.data import ImageTable, make_loader, valid_transform
-    from petpipe.engine import predict
+    from petpipe.engine import classification_metrics, predict
     from petpipe.labels import read_table
     from petpipe.tracking import stage_run
 
@@ -232,13 +232,14 @@ def run_report(
     loader = make_loader(valid, batch_size=cfg.train.batch_size, train=False, num_workers=cfg.train.num_workers, pin_memory=runtime.pin_memory)
     with stage_run("report", stage_params(cfg, "report")) as run:
         run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
-        interp = it.Interpretation.from_logits(*predict(model.to(runtime.device), loader, runtime))
+        logits, targets = predict(model.to(runtime.device), loader, runtime)
+        interp = it.Interpretation.from_logits(logits, targets)
         classes = table.classes
         cm = it.confusion_matrix(interp.targets, interp.preds, len(classes))
         confused = it.most_confused(cm, classes, cfg.report.most_confused_min)
         per_class = it.per_class_metrics(cm, classes)
         worst = it.top_losses(interp.losses, cfg.report.top_losses)
-        summary = it.summary(interp)
+        summary = classification_metrics(logits, targets)
 
         figures = {
             "confusion": rp.confusion_figure(cm, classes),
