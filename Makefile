@@ -7,12 +7,13 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PROFILE ?=
 
-.PHONY: help venv repro test clean-venv
+.PHONY: help venv repro test test-fast clean-venv
 
 help:
 	@echo "make repro                  set up $(VENV) if needed, then run the pipeline (dvc repro)"
 	@echo "make repro PROFILE=pets     copy profiles/pets.yaml to params.yaml first, then run"
 	@echo "make test                   set up $(VENV) if needed, then run the test suite"
+	@echo "make test-fast              the same without the slow tests (end-to-end pipeline, MLflow server)"
 
 venv: $(BIN)/.installed
 
@@ -30,8 +31,15 @@ ifneq ($(PROFILE),)
 endif
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
+# Two pytest workers: most of the suite's time is process start-up and imports, which are
+# single-threaded. --dist loadfile keeps a module's fixtures (the e2e repository) in one worker.
+PYTEST_WORKERS ?= 2
+
 test: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+test-fast: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -21,13 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from PIL import Image
 
+from petpipe.augment import AugmentParams
+from petpipe.data import make_loaders
 from petpipe.device import Runtime, pick_device, pick_precision, seed_everything
-from petpipe.data import make_loader
 from petpipe.engine import fit_one_cycle, load_checkpoint, make_optimizer, save_checkpoint, train_step
 from petpipe.model import build_model, layer_groups
+from petpipe.presize import write_store
 
 
 def synchronize(device: torch.device) -> None:
@@ -58,15 +61,26 @@ def measure(runtime: Runtime, *, arch: str, size: int, batch_size: int, steps: i
     return {"images_per_s": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps, "peak_gib": peak}
 
 
+def synthetic_store(out_dir: Path, *, n: int, size: int, classes: int) -> Path:
+    """A presized store of ``n`` random 4:3 images (the real data path: pinned uint8 batches, augmentation on the device)."""
+    root = out_dir.parent / "images"
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size * 4 // 3, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        items.append((f"{i}.png", i % classes, "train" if i % 5 else "valid"))
+    write_store(root, items, out_dir, size=size, workers=1, classes=[str(c) for c in range(classes)], progress=False)
+    return out_dir
+
+
 def check(runtime: Runtime, *, arch: str, size: int, batch_size: int, classes: int, checkpoint: Path) -> None:
     """One real epoch through the pipeline's loop on this device and precision; raises on failure."""
     seed_everything(0)
     model = build_model(arch, classes)
     head_before = model[1][-1].weight.detach().clone()
-    images = torch.randn(8 * batch_size, 3, size, size)
-    data = TensorDataset(images, torch.randint(0, classes, (len(images),)))
-    train = make_loader(data, batch_size=batch_size, train=True, num_workers=0, pin_memory=runtime.pin_memory)
-    valid = make_loader(data, batch_size=batch_size, train=False, num_workers=0, pin_memory=runtime.pin_memory)
+    store = synthetic_store(checkpoint.parent / "presized", n=8 * batch_size, size=size, classes=classes)
+    train, valid = make_loaders(store, runtime, size=size, batch_size=batch_size, num_workers="auto", augment=AugmentParams(), generator=seed_everything(0))
     history = fit_one_cycle(model, train, valid, epochs=1, lr_max=[1e-4, 1e-3, 1e-2], pct_start=0.25, weight_decay=0.01, runtime=runtime)
     assert math.isfinite(history[0]["train_loss"]) and math.isfinite(history[0]["valid_loss"]), history
     assert not torch.equal(model[1][-1].weight.detach().cpu(), head_before), "no optimizer step was taken (all skipped?)"

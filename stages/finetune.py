@@ -1,21 +1,50 @@
-"""Stage finetune: unfreeze the stage-1 model, one-cycle with discriminative LRs (finetune.max_lr)."""
+"""Stage finetune: unfreeze the stage-1 model, one-cycle with discriminative LRs (from choose_lr)."""
+
+from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from petpipe.pipeline import LABELLED_DATA, run_finetune, stage_main
+from petpipe.config import Config, select
+from petpipe.stage import TRAINING_DATA, stage_main
+
+PARAMS = (
+    "seed", "device", "precision", "train.size", "train.batch_size", "train.augment", "train.weight_decay",
+    "finetune.epochs", "finetune.pct_start",
+)  # fmt: skip
+
+
+def run(
+    cfg: Config, *, presized: Path, checkpoint: Path, chosen_lr: Path, final: Path, metrics: Path, plot: Path
+) -> dict:  # fmt: skip
+    from petpipe.data import make_loaders
+    from petpipe.finetune_lr import read_chosen_lr
+    from petpipe.model import layer_groups, unfreeze
+    from petpipe.schedule import discriminative_lrs
+    from petpipe.training import augment_params, fit_and_record, prepare, restore
+
+    runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)
+    lo, hi = read_chosen_lr(chosen_lr)
+    model, meta = restore(checkpoint)
+    unfreeze(model)
+    train_loader, valid_loader = make_loaders(
+        presized, runtime, size=cfg.train.size, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
+        augment=augment_params(cfg.train.augment), generator=generator,
+    )  # fmt: skip
+    return fit_and_record(
+        "finetune", select(cfg, PARAMS), runtime=runtime, model=model, meta=meta, train_loader=train_loader, valid_loader=valid_loader,
+        epochs=cfg.finetune.epochs, lr_max=discriminative_lrs(lo, hi, len(layer_groups(model))), pct_start=cfg.finetune.pct_start,
+        weight_decay=cfg.train.weight_decay, checkpoint=final, metrics=metrics, plot=plot, extra_metrics={"max_lr_lo": lo, "max_lr_hi": hi},
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = [
+        *TRAINING_DATA, ("checkpoint", "stage-1 checkpoint to read"), ("chosen_lr", "LRs chosen by the choose_lr stage"),
+        ("final", "final model checkpoint to write"), ("metrics", "final-epoch metrics JSON"), ("plot", "per-epoch metrics CSV"),
+    ]  # fmt: skip
+    return stage_main(run, arguments, description=__doc__, argv=argv)
+
 
 if __name__ == "__main__":
-    sys.exit(
-        stage_main(
-            run_finetune,
-            description=__doc__,
-            arguments=[
-                *LABELLED_DATA,
-                ("checkpoint", "stage-1 checkpoint to read"),
-                ("lr_find_result", "lr_find's suggested LRs (for max_lr: auto)"),
-                ("final", "final model checkpoint to write"),
-                ("metrics", "final-epoch metrics JSON"),
-                ("plot", "per-epoch metrics CSV"),
-            ],
-        )
-    )
+    sys.exit(main())

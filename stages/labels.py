@@ -1,8 +1,40 @@
 """Stage labels: label every image (labels.rule), split train/valid, verify images."""
 
-import sys
+from __future__ import annotations
 
-from petpipe.pipeline import run_labels, stage_main
+import sys
+from pathlib import Path
+
+from petpipe.config import Config, select
+from petpipe.stage import stage_main
+
+PARAMS = ("seed", "labels.rule", "labels.images_dir", "labels.pattern", "labels.regex_on", "labels.csv", "labels.valid_pct")
+
+
+def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str, int]:
+    from petpipe.files import write_json
+    from petpipe.labels import make_table, write_table
+    from petpipe.tracking import stage_run
+
+    with stage_run("labels", select(cfg, PARAMS)) as mlflow_run:
+        table = make_table(
+            dataset, rule=cfg.labels.rule, images_dir=cfg.labels.images_dir, pattern=cfg.labels.pattern, match_on=cfg.labels.regex_on,
+            csv_name=cfg.labels.csv, valid_pct=cfg.labels.valid_pct, seed=cfg.seed,
+        )  # fmt: skip
+        files = write_table(table, out_dir)
+        counts = table.counts()
+        write_json(metrics, counts)
+        mlflow_run.log_metrics(counts)
+        for path in files.values():
+            mlflow_run.log_artifact(path, "labels")
+    print(f"labels: {counts}")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = [("dataset", "extracted dataset folder"), ("out_dir", "folder for table.csv, classes.json, skipped.csv"), ("metrics", "counts JSON")]
+    return stage_main(run, arguments, description=__doc__, argv=argv)
+
 
 if __name__ == "__main__":
-    sys.exit(stage_main(run_labels, description=__doc__, arguments=[("dataset", "extracted dataset folder"), ("out_dir", "folder for table.csv, classes.json, skipped.csv"), ("metrics", "counts JSON")]))
+    sys.exit(main())

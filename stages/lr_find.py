@@ -1,20 +1,63 @@
 """Stage lr_find: LR range test on the unfrozen stage-1 model; writes the curve and suggested LRs."""
 
-import sys
+from __future__ import annotations
 
-from petpipe.pipeline import LABELLED_DATA, run_lr_find, stage_main
+import sys
+from pathlib import Path
+
+from petpipe.config import Config, select
+from petpipe.stage import TRAINING_DATA, stage_main
+
+PARAMS = (
+    "seed", "device", "precision", "train.size", "train.batch_size", "train.augment", "train.weight_decay",
+    "lr_find.start_lr", "lr_find.end_lr", "lr_find.num_it",
+)  # fmt: skip
+
+
+def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Path, figure: Path) -> dict:
+    from petpipe.data import make_loaders
+    from petpipe.files import write_bytes, write_json, write_rows
+    from petpipe.finetune_lr import auto_max_lr
+    from petpipe.lr_find import lr_range_test, suggest
+    from petpipe.model import unfreeze
+    from petpipe.figures import lr_find_figure
+    from petpipe.tracking import stage_run
+    from petpipe.training import augment_params, prepare, restore
+
+    runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)
+    model, _ = restore(checkpoint)
+    unfreeze(model)
+    train_loader, _ = make_loaders(
+        presized, runtime, size=cfg.train.size, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
+        augment=augment_params(cfg.train.augment), generator=generator,
+    )  # fmt: skip
+    with stage_run("lr_find", select(cfg, PARAMS)) as mlflow_run:
+        mlflow_run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
+        num_it = cfg.lr_find.num_it
+        curve = lr_range_test(
+            model, train_loader, runtime, start_lr=cfg.lr_find.start_lr, end_lr=cfg.lr_find.end_lr, num_it=num_it, weight_decay=cfg.train.weight_decay
+        )  # fmt: skip
+        suggestions = suggest(curve, num_it)
+        lo, hi = auto_max_lr(suggestions)
+        summary = {**suggestions, "auto_max_lr_lo": lo, "auto_max_lr_hi": hi, "iterations": len(curve["lr"])}
+        write_json(result, summary)
+        write_rows(plot, [{"lr": lr, "loss": loss} for lr, loss in zip(curve["lr"], curve["loss"])])
+        write_bytes(figure, lr_find_figure(curve["lr"], curve["loss"], suggestions))
+        for i, (lr, loss) in enumerate(zip(curve["lr"], curve["loss"])):
+            mlflow_run.log_metrics({"lr_find_loss": loss, "lr_find_lr": lr}, step=i)
+        mlflow_run.log_metrics(summary)
+        mlflow_run.log_artifact(figure, "lr_find")
+    print(f"lr_find: {len(curve['lr'])} iterations; suggestions {suggestions}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = [
+        *TRAINING_DATA, ("checkpoint", "stage-1 checkpoint to read"), ("result", "suggested LRs JSON"), ("plot", "loss-vs-LR CSV"),
+        ("figure", "loss-vs-LR PNG"),
+    ]  # fmt: skip
+    return stage_main(run, arguments, description=__doc__, argv=argv)
+
 
 if __name__ == "__main__":
-    sys.exit(
-        stage_main(
-            run_lr_find,
-            description=__doc__,
-            arguments=[
-                *LABELLED_DATA,
-                ("checkpoint", "stage-1 checkpoint to read"),
-                ("result", "suggested LRs JSON"),
-                ("plot", "loss-vs-LR CSV"),
-                ("figure", "loss-vs-LR PNG"),
-            ],
-        )
-    )
+    sys.exit(main())

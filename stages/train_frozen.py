@@ -1,19 +1,43 @@
-"""Stage train_frozen: new head on a frozen body (BatchNorm stays trainable), one-cycle training."""
+"""Stage train_frozen: new head on a frozen body (norm layers stay trainable), one-cycle training."""
+
+from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from petpipe.pipeline import LABELLED_DATA, run_train_frozen, stage_main
+from petpipe.config import Config, select
+from petpipe.stage import TRAINING_DATA, stage_main
+
+PARAMS = (
+    "seed", "device", "precision", "train.arch", "train.weights", "train.size", "train.batch_size", "train.augment",
+    "train.weight_decay", "train_frozen.epochs", "train_frozen.lr", "train_frozen.pct_start",
+)  # fmt: skip
+
+
+def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: Path) -> dict:
+    from petpipe.data import make_loaders
+    from petpipe.model import build_model, freeze_body, layer_groups
+    from petpipe.training import augment_params, fit_and_record, prepare
+
+    runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)
+    train_loader, valid_loader = make_loaders(
+        presized, runtime, size=cfg.train.size, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
+        augment=augment_params(cfg.train.augment), generator=generator,
+    )  # fmt: skip
+    classes = train_loader.dataset.store.classes
+    model = build_model(cfg.train.arch, len(classes), cfg.train.weights)
+    freeze_body(model)
+    return fit_and_record(
+        "train_frozen", select(cfg, PARAMS), runtime=runtime, model=model, meta={"arch": cfg.train.arch, "classes": classes, "size": cfg.train.size},
+        train_loader=train_loader, valid_loader=valid_loader, epochs=cfg.train_frozen.epochs, lr_max=[cfg.train_frozen.lr] * len(layer_groups(model)),
+        pct_start=cfg.train_frozen.pct_start, weight_decay=cfg.train.weight_decay, checkpoint=checkpoint, metrics=metrics, plot=plot,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = [*TRAINING_DATA, ("checkpoint", "stage-1 checkpoint to write"), ("metrics", "final-epoch metrics JSON"), ("plot", "per-epoch metrics CSV")]
+    return stage_main(run, arguments, description=__doc__, argv=argv)
+
 
 if __name__ == "__main__":
-    sys.exit(
-        stage_main(
-            run_train_frozen,
-            description=__doc__,
-            arguments=[
-                *LABELLED_DATA,
-                ("checkpoint", "stage-1 checkpoint to write"),
-                ("metrics", "final-epoch metrics JSON"),
-                ("plot", "per-epoch metrics CSV"),
-            ],
-        )
-    )
+    sys.exit(main())

@@ -66,6 +66,25 @@ def folder_dataset(tmp_path: Path) -> Path:
     return write_folder_dataset(tmp_path / "ds")
 
 
+def write_presized(root: Path, out_dir: Path, size: int = 24) -> Path:
+    """The presized store of a folder dataset (train/ and valid/ folders), as the presize stage writes it."""
+    from petpipe.labels import make_table
+    from petpipe.presize import write_store
+
+    table = make_table(root, rule="folder", images_dir=".", pattern=None, match_on="name", csv_name=None, valid_pct=0.2, seed=0)
+    index = {name: i for i, name in enumerate(table.classes)}
+    items = [(item.path, index[item.label], item.split) for item in table.items]
+    write_store(root, items, out_dir, size=size, workers=1, classes=table.classes, progress=False)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def presized_store(tmp_path_factory) -> Path:
+    """A presized store of three colour classes: 12 train and 4 valid images each, 16 px images stored at 24 px."""
+    tmp = tmp_path_factory.mktemp("presized")
+    return write_presized(write_folder_dataset(tmp / "ds", per_class=12, valid_per_class=4), tmp / "store")
+
+
 @pytest.fixture
 def dataset_tarball(tmp_path: Path) -> Path:
     return make_tarball(write_folder_dataset(tmp_path / "src"), tmp_path / "tiny.tgz")
@@ -119,9 +138,33 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def mlflow_template(tmp_path_factory) -> Path:
+    """One freshly created and migrated MLflow sqlite store per test run (creating one takes ~15 s
+    here); tests that need a store of their own start from a copy of it."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables and runs the migrations
+    return path
+
+
+def copy_store(template: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, dest)
+    return dest
+
+
+@pytest.fixture
+def mlflow_store(mlflow_template, tmp_path) -> str:
+    """Tracking URI of a private, already migrated sqlite store."""
+    return f"sqlite:///{copy_store(mlflow_template, tmp_path / 'mlflow-store' / 'mlflow.db')}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, mlflow_template):
     """A real `mlflow server` process on 127.0.0.1 with its own sqlite store and artifact folder."""
     home = tmp_path_factory.mktemp("mlflow-server")
+    copy_store(mlflow_template, home / "mlflow.db")
     port = free_port()
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(

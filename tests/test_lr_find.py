@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from petpipe.device import make_runtime
+from petpipe.finetune_lr import auto_max_lr
 from petpipe.lr_find import (
     LossRecorder,
-    auto_max_lr,
     lr_range_test,
     suggest,
     suggest_minimum,

@@ -1,176 +1,196 @@
-"""params.yaml -> frozen, validated dataclasses.
+"""params.yaml -> validated, typed, frozen models (pydantic v2). The only module that reads params.
 
-This is the only module that reads params.yaml (and dvc.yaml, to know which keys a stage reads).
-Every key is required: profiles are complete params files, so nothing changes behind a user's
-back when a default moves. An unknown key, a wrong type or a value outside the allowed set raises
-``ConfigError`` naming the key and what is allowed, before any stage does work.
+Every key is required (params files are complete: start from one in ``profiles/``); unknown keys,
+wrong types, non-finite numbers and values out of range are refused with one line that names the
+key, the bad value and what is allowed. Each field's ``description`` is its documentation:
+``docs/params.md`` is generated from these models (``python scripts/params_doc.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import re
-import types
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from petpipe.errors import PetpipeError
 
 PARAMS_FILE = "params.yaml"
-PIPELINE_FILE = "dvc.yaml"
-
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ConfigError(PetpipeError, ValueError):
     """A params file that cannot be used; the message names the key and what is allowed."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    url: str  # http(s)://..., file://... or a path inside the repository
-    sha256: str | None  # hex digest of the archive; null skips the check (the digest is printed)
-
-    def __post_init__(self) -> None:
-        if not self.url.strip():
-            raise ConfigError("data.url: must not be empty; give an http(s):// or file:// URL or a repo path")
-        if self.sha256 is not None and not _SHA256.match(self.sha256):
-            raise ConfigError(f"data.sha256: {self.sha256!r} is not 64 lowercase hex digits (or null to skip the check)")
+def _number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as a string; accept it as the number it plainly is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
-@dataclass(frozen=True)
-class LabelsConfig:
-    rule: Literal["folder", "regex", "csv"]
-    images_dir: str  # folder inside the dataset that holds the images ("." = the whole dataset)
-    pattern: str | None  # rule regex: one capture group = the label
-    regex_on: Literal["name", "path"]  # match the file name (fastai from_name_re) or the relative path
-    csv: str | None  # rule csv: file inside the dataset with name,label (and optional is_valid) columns
-    valid_pct: float  # random validation share when the data carries no split of its own
+def _finite_number(value: Any) -> Any:
+    value = _number(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value!r} is not allowed: numbers must be finite (not nan or inf)")
+    return value
 
-    def __post_init__(self) -> None:
-        if not 0.0 < self.valid_pct < 1.0:
-            raise ConfigError(f"labels.valid_pct: {self.valid_pct} must be between 0 and 1 (exclusive)")
+
+# Strict: a string is not an int, a bool is not an int. Floats must be finite.
+Float = Annotated[float, BeforeValidator(_finite_number)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(Section):
+    url: str = Field(min_length=1, description="`http://`, `https://`, `file://` URL or a path inside the repository; tar (any compression) or zip")
+    sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the archive, checked before extraction; null skips the check and prints the digest to pin")
+
+
+class LabelsConfig(Section):
+    rule: Literal["folder", "regex", "csv"] = Field(description="how an image gets its label (see *Labelling rules*)")
+    images_dir: str = Field(min_length=1, description="folder inside the dataset that holds the images (`.` = the whole dataset)")
+    pattern: str | None = Field(description="rule `regex`: a regex with exactly one capture group, the label")
+    regex_on: Literal["name", "path"] = Field(description="match the pattern against the file name (fastai `from_name_re`) or the path relative to the dataset")
+    csv: str | None = Field(description="rule `csv`: file inside the dataset with `name,label` and optionally `is_valid` columns; names are relative to `images_dir`")
+    valid_pct: Float = Field(gt=0, lt=1, description="share of images drawn for validation when the data has no split of its own")
+
+    @model_validator(mode="after")
+    def _rule_needs(self) -> LabelsConfig:
         if self.rule == "regex":
             if not self.pattern:
-                raise ConfigError("labels.pattern: required when labels.rule is 'regex' (a regex with one capture group)")
+                raise ValueError("labels.pattern: required when labels.rule is 'regex' (a regex with one capture group)")
             try:
                 groups = re.compile(self.pattern).groups
             except re.error as err:
-                raise ConfigError(f"labels.pattern: {self.pattern!r} is not a valid regex: {err}") from None
+                raise ValueError(f"labels.pattern: {self.pattern!r} is not a valid regex: {err}") from None
             if groups != 1:
-                raise ConfigError(f"labels.pattern: {self.pattern!r} has {groups} capture groups; exactly one (the label) is allowed")
+                raise ValueError(f"labels.pattern: {self.pattern!r} has {groups} capture groups; exactly one (the label) is allowed")
         if self.rule == "csv" and not self.csv:
-            raise ConfigError("labels.csv: required when labels.rule is 'csv' (a file inside the dataset with name,label columns)")
+            raise ValueError("labels.csv: required when labels.rule is 'csv' (a file inside the dataset with name,label columns)")
+        return self
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    arch: str  # any torchvision classification model name, e.g. resnet18, resnet34, convnext_tiny
-    weights: str  # imagenet | none | path to a state dict for the whole torchvision model
-    size: int  # square training/validation image size in pixels
-    batch_size: int
-    num_workers: int  # DataLoader worker processes (0 = load in the main process)
-    min_scale: float  # RandomResizedCrop lower bound on the crop area (1.0 = no random crop)
-    flip: bool  # random horizontal flips (wrong for digits, right for pets)
-    weight_decay: float  # decoupled (AdamW) weight decay, fastai's default is 0.01
-
-    def __post_init__(self) -> None:
-        from petpipe.model import available_archs  # torchvision import is deferred to here
-
-        archs = available_archs()
-        if self.arch not in archs:
-            close = [a for a in archs if a.startswith(self.arch[:5])][:8] or archs[:8]
-            raise ConfigError(f"train.arch: {self.arch!r} is not a torchvision classification model; e.g. {', '.join(close)}")
-        for key in ("size", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key}: {getattr(self, key)} must be >= 1")
-        if self.num_workers < 0:
-            raise ConfigError(f"train.num_workers: {self.num_workers} must be >= 0")
-        if not 0.0 < self.min_scale <= 1.0:
-            raise ConfigError(f"train.min_scale: {self.min_scale} must be in (0, 1]")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay: {self.weight_decay} must be >= 0")
-        if not self.weights.strip():
-            raise ConfigError("train.weights: must be 'imagenet', 'none' or a path to a state dict")
+class PresizeConfig(Section):
+    size: int = Field(
+        ge=8, description="shorter side of every stored image, in pixels (fastai's item transform `Resize(460)` for 224 px training); "
+        "larger keeps more detail for zoom and crops, at size x size x aspect x 3 bytes per image on disk"
+    )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class TrainFrozenConfig:
-    epochs: int
-    lr: float  # one-cycle peak LR for the head (fastai's fit_one_cycle default is 1e-3)
-    pct_start: float  # share of steps spent warming up
+class AugmentConfig(Section):
+    """fastai ``aug_transforms(min_scale=...)``, applied to whole batches on the training device."""
 
-    def __post_init__(self) -> None:
-        _check_cycle("train_frozen", self.epochs, self.pct_start)
-        _check_positive("train_frozen.lr", self.lr)
+    flip: bool = Field(description="random horizontal flips, p 0.5 (off for digits: a mirrored glyph is another glyph)")
+    max_rotate: Float = Field(ge=0, le=180, description="rotation in degrees, drawn from U(-max_rotate, max_rotate) with probability p_affine")
+    min_zoom: Float = Field(gt=0, description="zoom drawn from U(min_zoom, max_zoom) with probability p_affine")
+    max_zoom: Float = Field(gt=0, description="upper bound of the zoom (>= min_zoom)")
+    max_warp: Float = Field(ge=0, lt=1, description="perspective warp magnitude per axis, U(-max_warp, max_warp), with probability p_affine")
+    p_affine: Float = Field(ge=0, le=1, description="probability of each of rotate, zoom and warp, drawn per image")
+    min_scale: Float = Field(gt=0, le=1, description="random resized crop: smallest area kept, square (fastai `min_scale`)")
+    max_lighting: Float = Field(ge=0, lt=1, description="brightness and contrast change in logit space (fastai `max_lighting`)")
+    p_lighting: Float = Field(ge=0, le=1, description="probability of brightness and of contrast, each drawn per image")
+
+    @model_validator(mode="after")
+    def _zoom_range(self) -> AugmentConfig:
+        if self.max_zoom < self.min_zoom:
+            raise ValueError(f"train.augment.max_zoom: {self.max_zoom} must be >= train.augment.min_zoom ({self.min_zoom})")
+        return self
 
 
-@dataclass(frozen=True)
-class LrFindConfig:
-    start_lr: float
-    end_lr: float
-    num_it: int  # at most this many mini-batches; stops earlier when the loss diverges
+class TrainConfig(Section):
+    arch: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="torchvision classification model, e.g. `resnet18`, `resnet34`, `convnext_tiny` (checked against torchvision when the model is built)")
+    weights: str = Field(min_length=1, description="`imagenet` (torchvision's default weights, downloaded once), `none` (random init) or a path to a state dict of the whole torchvision model")
+    size: int = Field(ge=1, description="square image size the model sees, for training and validation (<= presize.size)")
+    batch_size: int = Field(ge=1, description="mini-batch size")
+    num_workers: int | Literal["auto"] = Field(
+        description="DataLoader worker processes; `auto`: none on the CPU (the presized store is read by slicing, and workers would compete "
+        "with the training threads), min(8, cores - 1) with a GPU. Results do not depend on it, so no stage re-runs when it changes"
+    )  # fmt: skip
+    augment: AugmentConfig | Literal["none"] = Field(description="batch augmentation (the keys below), or `none` to switch it off for ablations")
+    weight_decay: Float = Field(ge=0, description="decoupled (AdamW) weight decay, fastai's default 0.01; not applied to norm layers and biases")
 
-    def __post_init__(self) -> None:
-        _check_positive("lr_find.start_lr", self.start_lr)
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{value!r} is not allowed: give a number of worker processes >= 0, or 'auto'")
+        return value
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "none":
+            raise ValueError(f"{value!r} is not allowed: give the augmentation keys (see profiles/pets.yaml) or 'none'")
+        return value
+
+
+class TrainFrozenConfig(Section):
+    epochs: int = Field(ge=1, description="epochs with the body frozen (norm layers still train)")
+    lr: Float = Field(gt=0, description="one-cycle peak LR (fastai `fit_one_cycle` default 1e-3)")
+    pct_start: Float = Field(ge=0, lt=1, description="share of the steps spent warming up")
+
+
+class LrFindConfig(Section):
+    start_lr: Float = Field(gt=0, description="first LR of the range test")
+    end_lr: Float = Field(gt=0, description="last LR of the range test (> start_lr)")
+    num_it: int = Field(ge=2, description="mini-batches at most (stops early when the loss diverges)")
+
+    @model_validator(mode="after")
+    def _increasing(self) -> LrFindConfig:
         if self.end_lr <= self.start_lr:
-            raise ConfigError(f"lr_find.end_lr: {self.end_lr} must be greater than lr_find.start_lr ({self.start_lr})")
-        if self.num_it < 2:
-            raise ConfigError(f"lr_find.num_it: {self.num_it} must be >= 2")
+            raise ValueError(f"lr_find.end_lr: {self.end_lr} must be greater than lr_find.start_lr ({self.start_lr})")
+        return self
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    epochs: int
-    max_lr: tuple[float, float] | Literal["auto"]  # [lo, hi] like fastai's slice(lo, hi), or auto
-    pct_start: float
+class FinetuneConfig(Section):
+    epochs: int = Field(ge=1, description="epochs with everything unfrozen")
+    max_lr: tuple[float, float] | Literal["auto"] = Field(
+        description="discriminative LRs `[lo, hi]` like fastai's `slice(lo, hi)`, or `auto` = `[valley/100, valley]` from lr_find"
+    )
+    pct_start: Float = Field(ge=0, lt=1, description="warm-up share of the fine-tuning cycle")
 
-    def __post_init__(self) -> None:
-        _check_cycle("finetune", self.epochs, self.pct_start)
-        if self.max_lr != "auto":
-            lo, hi = self.max_lr
-            _check_positive("finetune.max_lr", lo)
-            if hi < lo:
-                raise ConfigError(f"finetune.max_lr: [{lo}, {hi}] must be [lo, hi] with lo <= hi")
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    top_losses: int  # images in the top-losses grid
-    most_confused_min: int  # smallest count listed among the most-confused pairs
-
-    def __post_init__(self) -> None:
-        if self.top_losses < 1 or self.most_confused_min < 1:
-            raise ConfigError("report.top_losses and report.most_confused_min must be >= 1")
+    @field_validator("max_lr", mode="before")
+    @classmethod
+    def _lo_hi(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        numbers = [_number(v) for v in value] if isinstance(value, list | tuple) else None
+        if not numbers or len(numbers) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+            raise ValueError(f"{value!r} is not allowed: give [lo, hi] (two numbers) or 'auto'")
+        lo, hi = (float(v) for v in numbers)
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+            raise ValueError(f"{value!r} must be [lo, hi] with 0 < lo <= hi, both finite")
+        return (lo, hi)
 
 
-@dataclass(frozen=True)
-class Config:
-    seed: int
-    device: Literal["auto", "cpu", "cuda", "mps"]  # auto: CUDA, then MPS, then CPU
-    precision: Literal["auto", "fp32", "fp16", "bf16"]
+class ReportConfig(Section):
+    top_losses: int = Field(ge=1, description="images in the top-losses grid")
+    most_confused_min: int = Field(ge=1, description="smallest count listed among the most-confused pairs")
+
+
+class Config(Section):
+    seed: int = Field(ge=0, lt=2**32, description="seeds Python, NumPy, torch, the random validation split, the shuffling order and augmentation")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(description="`auto` picks CUDA, then Apple MPS, then CPU")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        description="`auto`: bf16 autocast on CUDA GPUs that support it, fp16 (with gradient scaling) on older ones, fp32 elsewhere"
+    )
     data: DataConfig
     labels: LabelsConfig
+    presize: PresizeConfig
     train: TrainConfig
     train_frozen: TrainFrozenConfig
     lr_find: LrFindConfig
     finetune: FinetuneConfig
     report: ReportConfig
-
-
-def _check_cycle(section: str, epochs: int, pct_start: float) -> None:
-    if epochs < 1:
-        raise ConfigError(f"{section}.epochs: {epochs} must be >= 1")
-    if not 0.0 <= pct_start < 1.0:
-        raise ConfigError(f"{section}.pct_start: {pct_start} must be in [0, 1)")
-
-
-def _check_positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key}: {value} must be > 0")
 
 
 def load_config(path: str | Path = PARAMS_FILE) -> Config:
@@ -183,99 +203,76 @@ def load_config(path: str | Path = PARAMS_FILE) -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     try:
-        return build(Config, raw, prefix="")
+        return parse_config(raw)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def build(cls: type, raw: Any, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
-    where = prefix.rstrip(".") or "top level"
+def parse_config(raw: Any) -> Config:
+    """Validate a params mapping; the first problem becomes one ConfigError line."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; allowed keys at {where}: {', '.join(names)}")
-    missing = [n for n in names if n not in raw]
-    if missing:
-        raise ConfigError(f"missing key '{prefix}{missing[0]}' (params files are complete: see profiles/digits.yaml)")
-    hints = get_type_hints(cls)
-    return cls(**{n: _coerce(hints[n], raw[n], f"{prefix}{n}") for n in names})
+        raise ConfigError(f"top level: expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        errors = err.errors()
+        # A misspelt key shows up as unknown *and* missing: name the misspelling.
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        raise ConfigError(describe_error(first)) from None
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, prefix=key + ".")
-    origin = get_origin(tp)
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(map(repr, get_args(tp)))}")
-    if origin in (Union, types.UnionType):
-        for option in get_args(tp):
-            try:
-                return _coerce(option, value, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is not {_describe(tp)}")
-    if origin is tuple:
-        args = get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: {value!r} is not {_describe(tp)}")
-        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        # YAML 1.1 (PyYAML) reads "1e-3" as a string; accept it as the number it plainly is.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key}: {value!r} is not {_describe(tp)}")
+def describe_error(error: dict[str, Any]) -> str:
+    """One pydantic error -> ``key: value ... what is allowed``."""
+    # Union members appear in the location as tags such as "literal['auto']" or "function-after[...]".
+    loc = [str(part) for part in error["loc"] if "[" not in str(part) and str(part) not in ("int", "str", "AugmentConfig")]
+    key = ".".join(loc) or "top level"
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        allowed = ", ".join(_section(parent).model_fields)
+        return f"unknown key '{key}'; allowed keys at {'.'.join(parent) or 'top level'}: {allowed}"
+    if kind == "missing":
+        return f"missing key '{key}' (params files are complete: see profiles/digits.yaml)"
+    message = error["msg"].removeprefix("Value error, ")
+    if message.startswith(f"{key}."):  # a cross-field rule names its own key
+        return message
+    if kind == "value_error":
+        return f"{key}: {message}"
+    if kind == "model_type":
+        return f"{key}: expected a mapping of keys, got {value!r}"
+    allowed = {
+        "int_type": "an integer", "float_type": "a number", "bool_type": "a boolean (true or false)", "string_type": "a string",
+    }.get(kind)  # fmt: skip
+    if allowed:
+        return f"{key}: {value!r} is not {allowed}"
+    if kind == "literal_error":
+        return f"{key}: {value!r} is not allowed; allowed: {error['ctx']['expected'].replace(' or ', ', ')}"
+    return f"{key}: {value!r}: {message[0].lower()}{message[1:]}"
 
 
-def _describe(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(map(repr, get_args(tp)))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in get_args(tp))
-    if origin is tuple:
-        return "a list [" + ", ".join(_describe(a) for a in get_args(tp)) + "]"
-    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+def _section(loc: list[str]) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        options = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not options:
+            break
+        model = options[0]
+    return model
 
 
-def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """``Config`` -> {"train.arch": "resnet18", ...} (lists become their string form)."""
+def flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """``Config`` -> {"train.arch": "resnet18", ...} (tuples become lists)."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(flatten(value, f"{prefix}{f.name}."))
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, f"{prefix}{name}."))
         else:
-            out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
+            out[f"{prefix}{name}"] = list(value) if isinstance(value, tuple) else value
     return out
 
 
-def stage_params(cfg: Config, stage: str, pipeline: str | Path = PIPELINE_FILE) -> dict[str, Any]:
-    """The params a stage reads, as declared in dvc.yaml (the single list of them)."""
-    stages = yaml.safe_load(Path(pipeline).read_text()).get("stages", {})
-    if stage not in stages:
-        raise ConfigError(f"{pipeline}: no stage named {stage!r}; stages: {', '.join(stages)}")
-    declared = [p for p in stages[stage].get("params", []) if isinstance(p, str)]
-    flat = flatten(cfg)
-    return {k: v for k, v in flat.items() if any(k == d or k.startswith(d + ".") for d in declared)}
+def select(cfg: Config, keys: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The flattened params under ``keys`` (a key names one value or a whole section)."""
+    return {k: v for k, v in flatten(cfg).items() if any(k == d or k.startswith(d + ".") for d in keys)}

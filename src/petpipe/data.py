@@ -1,81 +1,140 @@
-"""Transforms, the image Dataset and DataLoaders built from the labels table."""
+"""Loaders over the presized store: uint8 square batches, augmented and normalised on the device.
+
+Per item the loader only slices: fastai's item transform (a square of side min(w, h) at a random
+position along the long side on train, the centre on valid) is a cut from an image already stored
+with its shorter side at ``presize.size``. The batch is stacked as uint8, copied to the training
+device (pinned, non-blocking on CUDA) and augmented there in one resample (``augment``).
+
+Every random draw (shuffle order, crop positions, augmentation) comes from generators seeded in the
+training process, so results do not depend on ``num_workers``.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from petpipe.labels import LabelTable
+from petpipe.augment import AugmentParams, train_batch, valid_batch
+from petpipe.device import Runtime
+from petpipe.errors import PetpipeError
+from petpipe.presize import PresizedStore
 
-# ImageNet channel statistics: pretrained torchvision weights expect inputs normalised with them.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def train_transform(size: int, min_scale: float, flip: bool) -> T.Compose:
-    """Random crop of at least ``min_scale`` of the area, resized to ``size``; optional flips."""
-    steps: list = [T.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True)]
-    if flip:
-        steps.append(T.RandomHorizontalFlip())
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+CENTRE = 0.5  # crop position of validation squares
 
 
-def valid_transform(size: int) -> T.Compose:
-    """Deterministic: shorter side to ``size``, centre crop."""
-    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+class SquareCrops(Dataset):
+    """Items ``(store position, crop position)`` -> (uint8 [3, S, S] square, class index)."""
 
-
-class ImageTable(Dataset):
-    """(image, class index) pairs for one split of the labels table."""
-
-    def __init__(self, root: Path, table: LabelTable, split: str, transform: T.Compose):
-        index = {name: i for i, name in enumerate(table.classes)}
-        self.samples = [(root / item.path, index[item.label]) for item in table.items if item.split == split]
-        self.transform = transform
+    def __init__(self, store: PresizedStore, split: str):
+        self.store = store
+        self.positions = store.indices(split)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.positions)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, target = self.samples[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), target
+    def __getitem__(self, key: tuple[int, float]) -> tuple[torch.Tensor, int]:
+        i, position = key
+        index = int(self.positions[i])
+        square = self.store.square(index, position)
+        return torch.from_numpy(np.ascontiguousarray(square.transpose(2, 0, 1))), int(self.store.labels[index])
+
+
+class CropSampler(Sampler):
+    """Yields ``(item, crop position)``: a seeded shuffle with random positions (train), or in order at the centre (valid)."""
+
+    def __init__(self, n: int, generator: torch.Generator | None):
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, float]]:
+        if self.generator is None:
+            yield from ((i, CENTRE) for i in range(self.n))
+            return
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        positions = torch.rand(self.n, generator=self.generator, dtype=torch.float64).tolist()
+        yield from zip(order, positions)
+
+
+class DeviceLoader:
+    """A DataLoader whose batches arrive on the device, transformed (augmented or centred, normalised)."""
+
+    def __init__(self, loader: DataLoader, runtime: Runtime, *, size: int, augment: AugmentParams | None, generator: torch.Generator | None):
+        self.loader, self.runtime, self.size, self.augment, self.generator = loader, runtime, size, augment, generator
+
+    @property
+    def dataset(self) -> SquareCrops:
+        return self.loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def transform(self, images: torch.Tensor) -> torch.Tensor:
+        if self.generator is None:
+            out = valid_batch(images, size=self.size)
+        else:
+            out = train_batch(images, size=self.size, params=self.augment, generator=self.generator)
+        return out.contiguous(memory_format=self.runtime.memory_format)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.runtime.device
+        for images, targets in self.loader:
+            yield self.transform(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
+
+
+def resolve_workers(num_workers: int | str, device: torch.device) -> int:
+    """``auto``: no workers on the CPU (slicing is cheap; workers would take cores from the training
+    threads), ``min(8, cores - 1)`` with an accelerator, where the CPU is otherwise idle."""
+    if num_workers != "auto":
+        return int(num_workers)
+    if device.type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
 
 
 def make_loader(
-    dataset: Dataset, *, batch_size: int, train: bool, num_workers: int, generator: torch.Generator | None = None, pin_memory: bool = False
-) -> DataLoader:
-    return DataLoader(
+    store: PresizedStore, split: str, runtime: Runtime, *, size: int, batch_size: int, num_workers: int | str,
+    augment: AugmentParams | None = None, generator: torch.Generator | None = None,
+) -> DeviceLoader:  # fmt: skip
+    """Training loader when ``generator`` is given (shuffled, random crops, augmented, last partial
+    batch dropped), else a validation loader (in store order, centre crops)."""
+    dataset = SquareCrops(store, split)
+    train = generator is not None
+    if store.size < size:
+        raise PetpipeError(f"train.size {size} is larger than presize.size {store.size}: raise presize.size (and re-run presize) or lower train.size")
+    workers = resolve_workers(num_workers, runtime.device)
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=CropSampler(len(dataset), generator),
         # A last batch of one image breaks BatchNorm in training mode; fastai drops it too.
         drop_last=train and len(dataset) > batch_size,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=pin_memory,
-        generator=generator,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=runtime.pin_memory,
     )
+    # Augmentation draws from its own stream, so the crop positions and shuffle order stay the same
+    # whether or not augmentation is on.
+    augment_generator = torch.Generator().manual_seed(generator.initial_seed() + 1) if train else None
+    return DeviceLoader(loader, runtime, size=size, augment=augment, generator=augment_generator)
 
 
 def make_loaders(
-    root: Path,
-    table: LabelTable,
-    *,
-    size: int,
-    batch_size: int,
-    num_workers: int,
-    min_scale: float,
-    flip: bool,
-    generator: torch.Generator | None = None,
-    pin_memory: bool = False,
-) -> tuple[DataLoader, DataLoader]:
-    """Training loader (augmented, shuffled) and validation loader (deterministic, in table order)."""
-    train = ImageTable(root, table, "train", train_transform(size, min_scale, flip))
-    valid = ImageTable(root, table, "valid", valid_transform(size))
-    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
-    return make_loader(train, train=True, generator=generator, **common), make_loader(valid, train=False, **common)
+    store_dir: Path, runtime: Runtime, *, size: int, batch_size: int, num_workers: int | str, augment: AugmentParams | None,
+    generator: torch.Generator,
+) -> tuple[DeviceLoader, DeviceLoader]:  # fmt: skip
+    """Training loader (shuffled, random crops, augmented) and validation loader (in order, centre crops)."""
+    store = PresizedStore(store_dir)
+    common = dict(size=size, batch_size=batch_size, num_workers=num_workers)
+    return (
+        make_loader(store, "train", runtime, augment=augment, generator=generator, **common),
+        make_loader(store, "valid", runtime, **common),
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,8 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     runtime: Runtime,
     desc: str = "train",
-) -> float:
-    """One pass over ``loader``; returns the mean training loss."""
+) -> tuple[float, int]:
+    """One pass over ``loader``; returns the mean training loss and the number of images."""
     model.train()
     total, count = 0.0, 0
     for images, targets in tqdm(loader, desc=desc, leave=False, mininterval=1.0):
@@ -86,7 +87,7 @@ def train_one_epoch(
         schedule.step()
         total += loss * len(targets)
         count += len(targets)
-    return total / max(count, 1)
+    return total / max(count, 1), count
 
 
 @torch.no_grad()
@@ -125,14 +126,18 @@ def fit_one_cycle(
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """fastai's ``fit_one_cycle``: one cycle over all epochs; returns the per-epoch metrics."""
-    model.to(runtime.device)
+    model.to(runtime.device, memory_format=runtime.memory_format)
     optimizer = make_optimizer(model, weight_decay, layer_groups(model))
     schedule = OneCycle(optimizer, per_param_group(optimizer, lr_max), total_steps=epochs * len(train_loader), pct_start=pct_start)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
     history = []
     for epoch in range(epochs):
-        train_loss = train_one_epoch(model, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}")
+        started = time.perf_counter()
+        train_loss, images = train_one_epoch(model, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}")
+        train_seconds = time.perf_counter() - started  # each step syncs on its loss: the work is done
         row = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(model, valid_loader, runtime)}
+        # Throughput: the whole epoch (training pass and validation), and training images per second.
+        row |= {"epoch_seconds": time.perf_counter() - started, "train_images_per_s": images / train_seconds}
         history.append(row)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         if on_epoch_end:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -60,3 +61,17 @@ def replace_dir(src: Path, dest: Path) -> None:
     os.replace(src, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:
+    """CSV with a header (``columns``, else the first row's keys); DVC plots read it directly."""
+    with atomic_open(path) as f:
+        writer = csv.DictWriter(f, fieldnames=columns or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_rows(path: Path) -> list[dict[str, float]]:
+    """A numeric CSV written by ``write_rows`` (per-epoch curves)."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

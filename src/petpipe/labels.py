@@ -1,4 +1,4 @@
-"""Labelling rules (folder, regex, csv), the validation split and image verification.
+"""Labelling rules (folder, regex, csv) and the validation split.
 
 The result is a table of (path, label, split) with paths relative to the dataset root, the class
 list (sorted labels of the training split) and the files that were skipped, each with a reason.
@@ -13,9 +13,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-
-from PIL import Image
-from tqdm import tqdm
 
 from petpipe.errors import PetpipeError
 from petpipe.files import atomic_open, write_json
@@ -132,25 +129,14 @@ def assign_random_split(items: list[Item], valid_pct: float, seed: int) -> list[
     return [Item(it.path, it.label, ("valid" if i in valid else "train") if it.split is None else it.split) for i, it in enumerate(items)]
 
 
-def verify_images(root: Path, items: list[Item]) -> tuple[list[Item], list[tuple[str, str]]]:
-    """Drop files PIL cannot open (truncated, not an image, zero-sized)."""
-    good, bad = [], []
-    for item in tqdm(items, desc="verify images", unit="img", mininterval=1.0):
-        try:
-            with Image.open(root / item.path) as img:
-                img.verify()
-                if min(img.size) < 1:
-                    raise ValueError("zero-sized image")
-            good.append(item)
-        except Exception as err:  # PIL raises many types for broken files
-            bad.append((item.path, f"unreadable image: {type(err).__name__}: {err}"))
-    return good, bad
-
-
 def make_table(
     root: Path, *, rule: str, images_dir: str, pattern: str | None, match_on: str, csv_name: str | None, valid_pct: float, seed: int
 ) -> LabelTable:
-    """Label, split and verify the images of the dataset at ``root``."""
+    """Label and split the images of the dataset at ``root``.
+
+    Images are not decoded here: the presize stage decodes each one completely, once, and lists
+    those that fail (truncated, not an image) in its own skipped list.
+    """
     paths = image_files(root, images_dir)
     if rule == "folder":
         items, skipped = label_by_folder(paths)
@@ -160,8 +146,7 @@ def make_table(
         items, skipped = label_by_csv(root, images_dir, csv_name or "", paths)
     else:
         raise LabelError(f"labels.rule: {rule!r} is not allowed; allowed: folder, regex, csv")
-    items, unreadable = verify_images(root, assign_random_split(items, valid_pct, seed))
-    skipped += unreadable
+    items = assign_random_split(items, valid_pct, seed)
     classes = sorted({item.label for item in items if item.split == "train"})
     unseen = [item for item in items if item.label not in classes]
     skipped += [(item.path, f"label {item.label!r} has no training images") for item in unseen]

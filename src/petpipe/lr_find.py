@@ -25,7 +25,6 @@ SMOOTH_BETA = 0.98  # fastai Recorder: exponential moving average of the loss
 DIVERGE_FACTOR = 4.0  # fastai LRFinder: stop when smooth loss > 4 x best
 SKIP_START_DIVISOR = 10  # fastai lr_find: suggestions ignore the first num_it // 10 points ...
 SKIP_END = 5  # ... and the last 5
-AUTO_LR_MULT = 100  # fastai fine_tune: slice(base_lr / lr_mult, base_lr), lr_mult=100
 
 
 def lr_range_test(
@@ -39,7 +38,7 @@ def lr_range_test(
     weight_decay: float,
 ) -> dict[str, list[float]]:
     """Train with a growing LR (same for all layers) and record the loss; modifies ``model``'s weights."""
-    model.to(runtime.device).train()
+    model.to(runtime.device, memory_format=runtime.memory_format).train()
     optimizer = make_optimizer(model, weight_decay, [list(model.parameters())])  # one LR for all layers
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
     recorder = LossRecorder(warmup=num_it // SKIP_START_DIVISOR)
@@ -130,8 +129,3 @@ def suggest(curve: dict[str, list[float]], num_it: int) -> dict[str, float]:
         raise PetpipeError(f"lr_find: only {len(curve['lr'])} points before the loss diverged; lower lr_find.start_lr or raise lr_find.num_it")
     return {"valley": suggest_valley(lrs, losses), "minimum": suggest_minimum(lrs, losses), "steep": suggest_steep(lrs, losses)}
 
-
-def auto_max_lr(suggestions: dict[str, float]) -> tuple[float, float]:
-    """``finetune.max_lr: auto`` -> [valley / 100, valley] (fastai fine_tune's lr_mult=100)."""
-    hi = suggestions["valley"]
-    return hi / AUTO_LR_MULT, hi

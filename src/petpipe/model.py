@@ -60,8 +60,10 @@ def create_head(n_features: int, n_classes: int) -> nn.Sequential:
 
 def load_torchvision(arch: str, weights: str) -> nn.Module:
     """``weights``: ``imagenet`` (torchvision's default weights), ``none``, or a state-dict path."""
-    if arch not in available_archs():
-        raise ModelError(f"train.arch: {arch!r} is not a torchvision classification model")
+    archs = available_archs()
+    if arch not in archs:
+        close = [a for a in archs if a.startswith(arch[:5])][:8] or archs[:8]
+        raise ModelError(f"train.arch: {arch!r} is not a torchvision classification model; e.g. {', '.join(close)}")
     if weights == "imagenet":
         try:
             return models.get_model(arch, weights="DEFAULT")

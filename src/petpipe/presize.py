@@ -1,0 +1,277 @@
+"""Decode every labelled image exactly once into a store that an epoch reads without decoding.
+
+fastai's item transform ``Resize(460)`` cuts, every epoch, a square of side min(w, h) at a random
+position along the long side (train) or at the centre (valid) and resizes it to 460. Resizing the
+square is the same as resizing the whole image so that its shorter side is 460 and then cutting a
+460-pixel square, so the store keeps each image with its shorter side at ``size`` and its aspect
+kept, and the loader cuts the square per item as a cheap slice (``PresizedStore.square``). No
+crop position is frozen into the store.
+
+The decode is also the image verification: a file that does not fully decode (truncated, corrupt,
+not an image, too large for Pillow's decompression-bomb guard) is left out and listed in
+``skipped.csv`` with a short reason.
+
+Store layout (a folder; every file byte-reproducible, so DVC sees identical hashes on a re-run):
+
+- ``pixels.u8``   all images back to back, each HxWx3 uint8 (RGB, row-major)
+- ``index.npy``   one record per stored image: offset (int64, bytes into pixels.u8), height and
+                  width (int32), label (int64 class index), split (uint8: 0 train, 1 valid)
+- ``paths.json``  image paths relative to the dataset root, in store order (= input order)
+- ``skipped.csv`` path,reason of every image that was not stored
+- ``store.json``  format, size and counts
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from petpipe.errors import PetpipeError
+from petpipe.files import replace_dir
+
+FORMAT = "petpipe-presized-v1"
+SPLITS = ("train", "valid")  # split code = position in this tuple
+INDEX_DTYPE = np.dtype([("offset", "<i8"), ("height", "<i4"), ("width", "<i4"), ("label", "<i8"), ("split", "u1")])
+PIXELS_FILE = "pixels.u8"
+INDEX_FILE = "index.npy"
+PATHS_FILE = "paths.json"
+SKIPPED_FILE = "skipped.csv"
+META_FILE = "store.json"
+FIX = "run the presize stage (dvc repro presize)"
+MAX_CHUNKSIZE = 16  # images per pool task: few enough that the progress bar moves smoothly
+
+
+class PresizeError(PetpipeError):
+    """The store cannot be written or read; the message names the folder or value and the fix."""
+
+
+@dataclass
+class PresizeResult:
+    n_images: int  # stored
+    n_skipped: int
+    skipped: list[tuple[str, str]]  # (path, reason)
+    bytes: int  # size of pixels.u8
+    seconds: float
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity on macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def presized_shape(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side at ``size``, the long side scaled and rounded half up."""
+    short, long = min(width, height), max(width, height)
+    scaled = max(size, (2 * long * size + short) // (2 * short))  # integer round-half-up: no float drift
+    return (size, scaled) if width <= height else (scaled, size)
+
+
+def decode_presized(path: Path, size: int) -> np.ndarray:
+    """Fully decode ``path``, apply its EXIF orientation, convert to RGB, shorter side to ``size``.
+
+    Returns an HxWx3 uint8 C-contiguous array. Raises whatever Pillow raises for a file that does
+    not fully decode (truncated images are never accepted; the decompression-bomb guard stays on).
+    """
+    with Image.open(path) as img:
+        img.load()  # the full decode: a truncated file raises here
+        img = ImageOps.exif_transpose(img).convert("RGB")
+    img = img.resize(presized_shape(img.width, img.height, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def skip_reason(err: Exception) -> str:
+    """A short, reproducible reason for a file that did not decode."""
+    if isinstance(err, Image.DecompressionBombError):
+        kind = "image too large (decompression-bomb guard)"
+    elif isinstance(err, UnidentifiedImageError):
+        kind = "not an image"
+    elif isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        kind = "cannot read file"
+    else:  # OSError "image file is truncated", SyntaxError "broken PNG file", zlib errors, ...
+        kind = "truncated or corrupt image"
+    message = str(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+    return f"{kind}: {message}"
+
+
+def _decode_item(rel_path: str, *, root: Path, size: int) -> tuple[np.ndarray | None, str]:
+    """One pool task: (pixels, "") or (None, reason). Module level so worker processes can import it."""
+    full = root / rel_path
+    try:
+        return decode_presized(full, size), ""
+    except Exception as err:  # Pillow raises many types for broken files; each becomes a skip reason
+        return None, skip_reason(err).replace(str(full), rel_path)  # no absolute paths in a compared output
+
+
+def _decoded(paths: list[str], *, root: Path, size: int, workers: int) -> Iterator[tuple[np.ndarray | None, str]]:
+    """Decode ``paths`` in input order, on ``workers`` processes (1: in this process)."""
+    task = functools.partial(_decode_item, root=root, size=size)
+    if workers == 1:
+        yield from map(task, paths)
+        return
+    chunksize = max(1, min(MAX_CHUNKSIZE, len(paths) // (4 * workers)))
+    with multiprocessing.Pool(workers) as pool:  # __exit__ terminates the workers on any error
+        yield from pool.imap(task, paths, chunksize=chunksize)
+
+
+def check_items(items: Sequence[tuple[str, int, str]], *, size: int, workers: int) -> None:
+    if size < 1:
+        raise PresizeError(f"presize.size: {size} is not allowed; use a positive number of pixels")
+    if workers < 1:
+        raise PresizeError(f"presize workers: {workers} is not allowed; use 1 or more")
+    if not items:
+        raise PresizeError("presize: the labels table holds no images; run the labels stage (dvc repro labels)")
+    for path, _, split in items:
+        if split not in SPLITS:
+            raise PresizeError(f"presize: {path} has split {split!r}; allowed: {', '.join(SPLITS)}")
+
+
+def write_store(
+    root: Path, items: Sequence[tuple[str, int, str]], out_dir: Path, *, size: int, workers: int, classes: Sequence[str] = (),
+    progress: bool = True,
+) -> PresizeResult:
+    """Decode each (path, class index, split) of ``items`` once and write the store to ``out_dir``.
+
+    The store is written in a temp sibling folder and moved into place only when complete.
+    """
+    check_items(items, size=size, workers=workers)
+    start = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        records, paths, skipped, offset = [], [], [], 0
+        decoded = _decoded([path for path, _, _ in items], root=root, size=size, workers=workers)
+        bar = tqdm(decoded, total=len(items), desc="presize", unit="img", mininterval=1.0, disable=not progress)
+        with closing(decoded), open(staging / PIXELS_FILE, "wb") as pixels:  # closing: stop the pool on any error
+            for (path, label, split), (array, reason) in zip(items, bar):
+                if array is None:
+                    skipped.append((path, reason))
+                    continue
+                pixels.write(array.data)
+                records.append((offset, array.shape[0], array.shape[1], label, SPLITS.index(split)))
+                paths.append(path)
+                offset += array.nbytes
+        if not records:
+            first = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
+            raise PresizeError(f"presize: none of the {len(items)} images could be decoded (first: {first}); check the dataset under {root}")
+        index = np.array(records, dtype=INDEX_DTYPE)
+        np.save(staging / INDEX_FILE, index, allow_pickle=False)
+        write_plain_json(staging / PATHS_FILE, paths)
+        write_skipped(staging / SKIPPED_FILE, skipped)
+        counts = {f"n_{name}": int((index["split"] == code).sum()) for code, name in enumerate(SPLITS)}
+        meta = {"format": FORMAT, "size": size, "n_images": len(records), **counts, "n_skipped": len(skipped), "bytes": offset,
+                "classes": list(classes)}
+        write_plain_json(staging / META_FILE, meta)
+        replace_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return PresizeResult(len(records), len(skipped), skipped, offset, time.perf_counter() - start)
+
+
+def write_plain_json(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("path", "reason"))
+        writer.writerows(skipped)
+
+
+class PresizedStore:
+    """Reader of a store written by ``write_store``.
+
+    ``pixels.u8`` is memory-mapped lazily on first access, and the map is dropped when the object is
+    pickled, so it travels cheaply into DataLoader worker processes (each maps the file itself).
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        meta = self._read_meta()
+        try:
+            index = np.load(self.out_dir / INDEX_FILE, allow_pickle=False)
+            self.paths: list[str] = json.loads((self.out_dir / PATHS_FILE).read_text())
+            pixel_bytes = (self.out_dir / PIXELS_FILE).stat().st_size
+        except (OSError, ValueError) as err:
+            raise PresizeError(f"{self.out_dir}: incomplete presized image store ({err}); {FIX}") from err
+        if index.dtype != INDEX_DTYPE or len(index) != len(self.paths) or len(index) != meta["n_images"] or pixel_bytes != meta["bytes"]:
+            raise PresizeError(f"{self.out_dir}: presized image store files do not match each other; {FIX}")
+        self.size: int = meta["size"]
+        self.classes: list[str] = meta.get("classes", [])  # class names, indexed by ``labels``
+        self.offsets: np.ndarray = index["offset"]
+        self.heights: np.ndarray = index["height"]
+        self.widths: np.ndarray = index["width"]
+        self.labels: np.ndarray = index["label"]
+        self.splits: np.ndarray = index["split"]  # codes: SPLITS[code] is the split's name
+        self._pixels: np.ndarray | None = None
+
+    def _read_meta(self) -> dict:
+        meta_file = self.out_dir / META_FILE
+        if not meta_file.is_file():
+            raise PresizeError(f"{self.out_dir}: no presized image store here (no {META_FILE}); {FIX}")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as err:
+            raise PresizeError(f"{meta_file}: unreadable ({err}); {FIX}") from err
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise PresizeError(f"{self.out_dir}: not a presized image store of format {FORMAT} (found {found!r}); {FIX}")
+        return meta
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_pixels"] = None  # each process maps the file itself
+        return state
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """All pixels as one flat read-only uint8 array backed by the memory map."""
+        if self._pixels is None:
+            # A plain ndarray view of the map: slicing it skips np.memmap's per-slice bookkeeping.
+            self._pixels = np.memmap(self.out_dir / PIXELS_FILE, dtype=np.uint8, mode="r").view(np.ndarray)
+        return self._pixels
+
+    def indices(self, split: str) -> np.ndarray:
+        """Store positions of the images of ``split``, in store order."""
+        if split not in SPLITS:
+            raise PresizeError(f"split {split!r} is not allowed; allowed: {', '.join(SPLITS)}")
+        return np.flatnonzero(self.splits == SPLITS.index(split))
+
+    def image(self, i: int) -> np.ndarray:
+        """Image ``i`` as a read-only HxWx3 uint8 view into the memory map."""
+        start, height, width = int(self.offsets[i]), int(self.heights[i]), int(self.widths[i])
+        return self.pixels[start : start + height * width * 3].reshape(height, width, 3)
+
+    def square(self, i: int, position: float) -> np.ndarray:
+        """The ``size`` x ``size`` square of image ``i`` at ``position`` along its long side.
+
+        0 = top / left, 0.5 = centre, 1 = bottom / right: fastai's ``Resize`` crop, already resized.
+        """
+        if not 0.0 <= position <= 1.0:
+            raise ValueError(f"position must be in [0, 1], got {position}")
+        img = self.image(i)
+        height, width = img.shape[:2]
+        start = round(position * (max(height, width) - self.size))
+        if height > width:
+            return img[start : start + self.size]
+        return img[:, start : start + self.size]

@@ -1,0 +1,43 @@
+"""What every stage script shares, kept small: its command line and the one-line error.
+
+A stage script in ``stages/`` defines ``PARAMS`` (the params keys it reads, as in dvc.yaml),
+``run(cfg, **paths)`` and ``main(argv)``; ``main`` calls ``stage_main`` here. Nothing heavy is
+imported: fetch and labels start without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from petpipe.config import load_config
+from petpipe.errors import PetpipeError
+
+# The path argument of every stage that reads the presized images (and the class names stored with them).
+TRAINING_DATA = [("presized", "presized image store (presize stage)")]
+
+
+def stage_main(
+    run: Callable[..., Any], arguments: list[tuple[str, str]], description: str, multiple: tuple[str, ...] = (), argv: list[str] | None = None
+) -> int:  # fmt: skip
+    """``--params`` plus the named path arguments, then ``run(cfg, **paths)``.
+
+    Arguments named in ``multiple`` take one or more paths. Known user errors print one clear
+    line and return 2, without a traceback.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    for name, help_text in arguments:
+        nargs = "+" if name in multiple else None
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, help=help_text, nargs=nargs)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.params)
+        run(cfg, **{name: getattr(args, name) for name, _ in arguments})
+    except PetpipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,70 @@
+"""What the model stages (train_frozen, lr_find, finetune, report) share: runtime, data, restore, fit-and-record.
+
+Kept out of ``stage.py`` so fetch and labels neither import torch nor depend on this file.
+Functions take explicit values, never the whole config: the stage scripts are the only readers
+of params (tests check their reads against dvc.yaml).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from petpipe.augment import AugmentParams
+from petpipe.device import Runtime, make_runtime, seed_everything
+from petpipe.engine import fit_one_cycle, load_checkpoint, save_checkpoint
+from petpipe.files import write_json, write_rows
+from petpipe.model import build_model, count_trainable
+from petpipe.tracking import stage_run
+
+
+def prepare(*, device: str, precision: str, seed: int) -> tuple[Runtime, torch.Generator]:
+    """Device and precision (a bad choice fails here, before any work), then every seed.
+
+    Seeding comes before any model is built, so ``seed`` fixes the head's (and, with
+    ``train.weights: none``, the body's) initial weights as well as the data order.
+    """
+    runtime = make_runtime(device, precision)
+    return runtime, seed_everything(seed)
+
+
+def restore(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Model rebuilt from a petpipe checkpoint (architecture from its metadata, weights from it)."""
+    state = load_checkpoint(checkpoint)
+    meta = state["meta"]
+    model = build_model(meta["arch"], len(meta["classes"]), weights="none")
+    model.load_state_dict(state["model"])
+    return model, meta
+
+
+def fit_and_record(
+    stage: str, params: dict[str, Any], *, runtime: Runtime, model: nn.Sequential, meta: dict[str, Any], train_loader: DataLoader,
+    valid_loader: DataLoader, epochs: int, lr_max: list[float], pct_start: float, weight_decay: float, checkpoint: Path, metrics: Path,
+    plot: Path, extra_metrics: dict[str, float] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Body of train_frozen and finetune: one-cycle fit, checkpoint, metrics, curves, one MLflow run."""
+    print(f"{stage}: {runtime.describe()}; {len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid images; "
+          f"{count_trainable(model):,} trainable parameters; lr_max per layer group {['%.2e' % lr for lr in lr_max]}")  # fmt: skip
+    with stage_run(stage, params) as run:
+        run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
+        run.log_params({f"{stage}.lr_max_groups": [float(f"{lr:.4g}") for lr in lr_max]})
+        history = fit_one_cycle(
+            model, train_loader, valid_loader, epochs=epochs, lr_max=lr_max, pct_start=pct_start, weight_decay=weight_decay, runtime=runtime,
+            on_epoch_end=lambda row: run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
+        )  # fmt: skip
+        save_checkpoint(checkpoint, model, meta={**meta, "stage": stage, "epochs": epochs})
+        final = {k: v for k, v in history[-1].items() if k != "epoch"} | (extra_metrics or {})
+        write_json(metrics, final)
+        write_rows(plot, history)
+        run.log_artifact(plot, "curves")
+        run.log_artifact(checkpoint, "model")
+    return final
+
+
+def augment_params(augment: Any) -> AugmentParams | None:
+    """``train.augment`` (a section, or ``none``) -> the augmentation's arguments."""
+    return None if augment == "none" else AugmentParams(**augment.model_dump())

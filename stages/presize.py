@@ -1,0 +1,49 @@
+"""Stage presize: decode every labelled image once (EXIF-rotated, RGB), shorter side to presize.size, into one store.
+
+The store (pixels, index, class names, skipped files) is all the training stages read.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from petpipe.config import Config, select
+from petpipe.stage import stage_main
+
+PARAMS = ("presize.size",)
+
+
+def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_dir: Path, metrics: Path) -> dict:
+    from petpipe.files import write_json
+    from petpipe.labels import read_table
+    from petpipe.presize import default_workers, write_store
+    from petpipe.tracking import stage_run
+
+    table = read_table(table_csv, classes_json)
+    index = {name: i for i, name in enumerate(table.classes)}
+    items = [(item.path, index[item.label], item.split) for item in table.items]
+    workers = default_workers()
+    with stage_run("presize", select(cfg, PARAMS)) as mlflow_run:
+        result = write_store(dataset, items, out_dir, size=cfg.presize.size, workers=workers, classes=table.classes)
+        counts = {"n_images": result.n_images, "n_skipped": result.n_skipped, "bytes": result.bytes}
+        write_json(metrics, counts)
+        mlflow_run.log_metrics({**counts, "seconds": result.seconds, "images_per_s": len(items) / max(result.seconds, 1e-9)})
+        mlflow_run.log_artifact(out_dir / "skipped.csv", "presize")
+    for path, reason in result.skipped[:10]:
+        print(f"presize: skipped {path}: {reason}", file=sys.stderr)
+    print(f"presize: {result.n_images} images ({result.bytes / 2**20:.1f} MiB), {result.n_skipped} skipped, "
+          f"{len(items) / max(result.seconds, 1e-9):.0f} images/s on {workers} processes -> {out_dir}")  # fmt: skip
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = [
+        ("dataset", "extracted dataset folder"), ("table_csv", "labels table"), ("classes_json", "class list"),
+        ("out_dir", "presized store folder to write"), ("metrics", "counts JSON"),
+    ]  # fmt: skip
+    return stage_main(run, arguments, description=__doc__, argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

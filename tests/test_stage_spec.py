@@ -1,0 +1,80 @@
+"""dvc.yaml against the code: each stage's code deps are exactly what its script imports, and its
+params exactly what the script reads (less what only changes speed)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+from stage_code import ROOT, params_read, project_files
+
+PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+STAGES = list(PIPELINE["stages"])
+# Read by stages but without effect on any output: DVC must not re-run a stage when they change.
+SPEED_ONLY = {"train.num_workers"}
+
+
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def declared_code(stage: str) -> set[str]:
+    return {d for d in PIPELINE["stages"][stage]["deps"] if d.endswith(".py")}
+
+
+def code_mismatch(stage: str, script: Path) -> str:
+    """'' when dvc.yaml lists exactly the script's project files, else what to add and remove."""
+    actual = {f"stages/{stage}.py"} | {p.relative_to(ROOT).as_posix() for p in project_files(script) if p != script}
+    declared = declared_code(stage)
+    missing, extra = sorted(actual - declared), sorted(declared - actual)
+    return "" if not (missing or extra) else f"dvc.yaml stage {stage!r}: add to deps {missing}, remove from deps {extra}"
+
+
+def params_mismatch(stage: str, script: Path, declared_in_script: tuple[str, ...]) -> str:
+    read = params_read(script) - SPEED_ONLY
+    declared = set(PIPELINE["stages"][stage].get("params", []))
+    problems = []
+    if read != declared:
+        problems.append(f"dvc.yaml stage {stage!r} params: add {sorted(read - declared)}, remove {sorted(declared - read)}")
+    if read != set(declared_in_script):
+        problems.append(f"{script.name} PARAMS: add {sorted(read - set(declared_in_script))}, remove {sorted(set(declared_in_script) - read)}")
+    return "; ".join(problems)
+
+
+def test_every_stage_script_is_a_dvc_stage():
+    assert sorted(p.stem for p in (ROOT / "stages").glob("*.py")) == sorted(STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_are_exactly_the_imported_files(stage):
+    assert code_mismatch(stage, ROOT / "stages" / f"{stage}.py") == ""
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_params_are_exactly_the_keys_the_stage_reads(stage):
+    assert params_mismatch(stage, ROOT / "stages" / f"{stage}.py", load_stage(stage).PARAMS) == ""
+
+
+def test_the_checks_fail_on_an_undeclared_import_or_param_read(tmp_path):
+    script = tmp_path / "fetch.py"
+    source = (ROOT / "stages/fetch.py").read_text()
+    script.write_text(source.replace("    from petpipe.fetch import fetch\n", "    from petpipe.fetch import fetch\n    from petpipe.report import img_tag\n"))
+    assert "add to deps ['src/petpipe/report.py']" in code_mismatch("fetch", script)
+    script.write_text(source.replace("result = fetch(", "print(cfg.labels.rule)\n        result = fetch("))
+    assert "params: add ['labels.rule']" in params_mismatch("fetch", script, load_stage("fetch").PARAMS)
+
+
+def test_fetch_and_labels_do_not_load_torch_code():
+    for stage in ("fetch", "labels", "choose_lr"):
+        names = {p.name for p in project_files(ROOT / "stages" / f"{stage}.py")}
+        assert not names & {"model.py", "engine.py", "training.py", "data.py", "device.py"}, stage
+
+
+def test_editing_the_report_html_code_touches_only_the_report_stage():
+    users = [stage for stage in STAGES if "src/petpipe/report.py" in declared_code(stage)]
+    assert users == ["report"]
