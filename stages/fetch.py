@@ -1,4 +1,4 @@
-"""Stage fetch: download (or copy) the archive at data.url, verify data.sha256, extract the dataset."""
+"""Stage fetch: download (through the cache) or read the archive at data.url, verify it, extract the dataset."""
 
 from __future__ import annotations
 
@@ -8,26 +8,32 @@ from pathlib import Path
 from petpipe.config import Config, select
 from petpipe.stage import stage_main
 
-PARAMS = ("data.url", "data.sha256")
+PARAMS = ("data.url", "data.sha256", "data.md5", "data.size", "data.max_members", "data.max_unpacked_bytes")
 
 
-def run(cfg: Config, *, dataset: Path, downloads: Path) -> dict:
+def run(cfg: Config, *, dataset: Path) -> dict:
     from petpipe.fetch import fetch
     from petpipe.tracking import repo_root, stage_run
 
     with stage_run("fetch", select(cfg, PARAMS)) as mlflow_run:
-        result = fetch(cfg.data.url, cfg.data.sha256, dest=dataset, root=Path.cwd(), downloads=downloads)
-        if cfg.data.sha256 is None:
-            print(f"warning: data.sha256 is null, the archive was not verified; its SHA-256 is {result.sha256}", file=sys.stderr)
-        mlflow_run.set_tags({"data.sha256_actual": result.sha256, "repo_root": str(repo_root())})
-        mlflow_run.log_metrics({"archive_bytes": result.archive_bytes, "files": result.files})
-    print(f"fetch: {result.files} files from {cfg.data.url} -> {dataset}")
-    return {"sha256": result.sha256, "archive_bytes": result.archive_bytes, "files": result.files}
+        result = fetch(
+            cfg.data.url, dest=dataset, root=Path.cwd(), sha256=cfg.data.sha256, md5=cfg.data.md5, size=cfg.data.size,
+            max_members=cfg.data.max_members, max_unpacked_bytes=cfg.data.max_unpacked_bytes,
+        )  # fmt: skip
+        if cfg.data.sha256 is None and cfg.data.md5 is None:
+            print(f"warning: data.sha256 and data.md5 are null, no checksum was checked; the archive's SHA-256 is {result.sha256} (pin it as data.sha256)", file=sys.stderr)
+        mlflow_run.set_tags({"data.sha256_actual": result.sha256, "data.archive": str(result.archive), "repo_root": str(repo_root())})
+        metrics = {"archive_bytes": result.archive_bytes, "files": result.files, "downloaded": int(result.downloaded)}
+        if result.downloaded:
+            metrics |= {"download_seconds": result.download_seconds, "download_mb_per_s": result.archive_bytes / 1e6 / max(result.download_seconds, 1e-9)}
+        mlflow_run.log_metrics(metrics)
+    source = f"downloaded in {result.download_seconds:.1f} s" if result.downloaded else f"from {result.archive}"
+    print(f"fetch: {result.files} files from {cfg.data.url} ({source}) -> {dataset}")
+    return {"sha256": result.sha256, "archive_bytes": result.archive_bytes, "files": result.files, "downloaded": result.downloaded}
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = [("dataset", "folder to extract the dataset into"), ("downloads", "folder for partial downloads")]
-    return stage_main(run, arguments, description=__doc__, argv=argv)
+    return stage_main(run, [("dataset", "folder to extract the dataset into")], description=__doc__, argv=argv)
 
 
 if __name__ == "__main__":

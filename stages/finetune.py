@@ -21,6 +21,7 @@ def run(
     from petpipe.finetune_lr import read_chosen_lr
     from petpipe.model import layer_groups, unfreeze
     from petpipe.schedule import discriminative_lrs
+    from petpipe.resume import resume_point
     from petpipe.training import augment_params, fit_and_record, prepare, restore
 
     runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)
@@ -35,6 +36,7 @@ def run(
         "finetune", select(cfg, PARAMS), runtime=runtime, model=model, meta=meta, train_loader=train_loader, valid_loader=valid_loader,
         epochs=cfg.finetune.epochs, lr_max=discriminative_lrs(lo, hi, len(layer_groups(model))), pct_start=cfg.finetune.pct_start,
         weight_decay=cfg.train.weight_decay, checkpoint=final, metrics=metrics, plot=plot, extra_metrics={"max_lr_lo": lo, "max_lr_hi": hi},
+        resume=resume_point("finetune", select(cfg, PARAMS), inputs=[presized, checkpoint, chosen_lr]),
     )  # fmt: skip
 
 

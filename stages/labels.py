@@ -1,4 +1,4 @@
-"""Stage labels: label every image (labels.rule), split train/valid, verify images."""
+"""Stage labels: label every image (labels.rule) and split train/valid (labels.split); images are decoded later, by presize."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from pathlib import Path
 from petpipe.config import Config, select
 from petpipe.stage import stage_main
 
-PARAMS = ("seed", "labels.rule", "labels.images_dir", "labels.pattern", "labels.regex_on", "labels.csv", "labels.valid_pct")
+PARAMS = (
+    "seed", "labels.rule", "labels.images_dir", "labels.pattern", "labels.regex_on", "labels.csv", "labels.function",
+    "labels.split", "labels.valid_pct", "labels.valid_file", "labels.train_file",
+)  # fmt: skip
 
 
 def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str, int]:
@@ -19,7 +22,8 @@ def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str
     with stage_run("labels", select(cfg, PARAMS)) as mlflow_run:
         table = make_table(
             dataset, rule=cfg.labels.rule, images_dir=cfg.labels.images_dir, pattern=cfg.labels.pattern, match_on=cfg.labels.regex_on,
-            csv_name=cfg.labels.csv, valid_pct=cfg.labels.valid_pct, seed=cfg.seed,
+            csv_name=cfg.labels.csv, function=cfg.labels.function, split=cfg.labels.split, valid_pct=cfg.labels.valid_pct,
+            valid_file=cfg.labels.valid_file, train_file=cfg.labels.train_file, seed=cfg.seed, code_root=Path.cwd(),
         )  # fmt: skip
         files = write_table(table, out_dir)
         counts = table.counts()
@@ -27,6 +31,8 @@ def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str
         mlflow_run.log_metrics(counts)
         for path in files.values():
             mlflow_run.log_artifact(path, "labels")
+    for warning in table.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"labels: {counts}")
     return counts
 

@@ -1,95 +1,105 @@
-"""Stage report: interpret the final model on the validation set and write the self-contained HTML report."""
+"""Stage report: interpret the final model on the validation set; write the HTML report, summary.md,
+predictions.csv (DVC's confusion plot) and the figures and tables behind them.
+
+"Params that differ from the profile" compare this run with every profile in the profiles folder
+and name the closest one: the profile that differs in the fewest of the params shown (ties: first
+by file name). So a pets run is compared with pets.yaml, a digits run with digits.yaml.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
-from petpipe.config import Config, select
+from petpipe.config import Config, load_config, select
 from petpipe.stage import TRAINING_DATA, stage_main
 
-PARAMS = ("device", "precision", "report.top_losses", "report.most_confused_min")
+PARAMS = (
+    "seed", "device", "precision", "data.url", "labels", "presize.size", "train.arch", "train.weights", "train.size", "train.batch_size",
+    "train.augment", "train.weight_decay", "train_frozen.epochs", "train_frozen.lr", "train_frozen.pct_start", "lr_find", "finetune",
+    "report.top_losses", "report.most_confused_min",
+)  # fmt: skip
 PREDICT_BATCH = 64  # prediction only: results do not depend on it, so it is not a param
 
 
+def shown_params(cfg: Config) -> dict[str, Any]:
+    """The params the page and summary.md show (and compare with the profiles): those that shape the results.
+
+    Whole sections where every key counts (a key added to them shows up by itself). Left out:
+    data's checks (data.url names the archive) and train.num_workers (speed only).
+    """
+    return {
+        "seed": cfg.seed, "device": cfg.device, "precision": cfg.precision, "data.url": cfg.data.url, "labels": cfg.labels,
+        "presize.size": cfg.presize.size, "train.arch": cfg.train.arch, "train.weights": cfg.train.weights, "train.size": cfg.train.size,
+        "train.batch_size": cfg.train.batch_size, "train.augment": cfg.train.augment, "train.weight_decay": cfg.train.weight_decay,
+        "train_frozen.epochs": cfg.train_frozen.epochs, "train_frozen.lr": cfg.train_frozen.lr, "train_frozen.pct_start": cfg.train_frozen.pct_start,
+        "lr_find": cfg.lr_find, "finetune": cfg.finetune, "report.top_losses": cfg.report.top_losses,
+        "report.most_confused_min": cfg.report.most_confused_min,
+    }  # fmt: skip
+
+
 def run(
-    cfg: Config, *, presized: Path, final: Path, curves: list[Path], lr_find_figure_path: Path,
-    out_dir: Path, html_path: Path, metrics: Path,
+    cfg: Config, *, presized: Path, labels_skipped: Path, final: Path, frozen_curve: Path, finetune_curve: Path, lr_find_curve: Path,
+    lr_find_result: Path, chosen_lr: Path, profiles: Path, out_dir: Path, predictions: Path, html_path: Path, summary: Path, metrics: Path,
 ) -> dict:  # fmt: skip
-    from petpipe import figures as fg
-    from petpipe import interpret as it
     from petpipe import report as rp
+    from petpipe import report_build as rb
+    from petpipe import report_inputs as ri
     from petpipe.data import make_loader
     from petpipe.device import make_runtime
     from petpipe.engine import classification_metrics, predict
-    from petpipe.files import read_rows, write_bytes, write_json, write_rows, write_text
+    from petpipe.interpret import Interpretation
+    from petpipe.model import layer_groups
     from petpipe.presize import PresizedStore
     from petpipe.tracking import stage_run
-    from petpipe.training import restore
+    from petpipe.training import augment_params, restore
 
+    started = time.perf_counter()
     runtime = make_runtime(cfg.device, cfg.precision)
     store = PresizedStore(presized)
     model, meta = restore(final)
+    classes = meta["classes"]
+    curves = {"train_frozen": ri.read_curve(frozen_curve, "train_frozen"), "finetune": ri.read_curve(finetune_curve, "finetune")}
+    run_info = rp.RunInfo(
+        title=f"{meta['arch']} on {len(classes)} classes", device=runtime.describe(), params=shown_params(cfg),
+        profiles={f"{profiles.name}/{p.name}": shown_params(load_config(p)) for p in sorted(profiles.glob("*.yaml"))}, curves=curves,
+    )  # fmt: skip
+    data = ri.data_info(
+        store, runtime, labels_skipped=labels_skipped, classes=classes, size=cfg.train.size, batch_size=cfg.train.batch_size,
+        augment=augment_params(cfg.train.augment), seed=cfg.seed, n_batch=rp.BATCH_IMAGES,
+    )  # fmt: skip
+    lr = ri.lr_info(lr_find_curve, lr_find_result, chosen_lr, frozen_lr=cfg.train_frozen.lr, n_groups=len(layer_groups(model)))
     loader = make_loader(store, "valid", runtime, size=meta["size"], batch_size=PREDICT_BATCH, num_workers=0)
-    valid = loader.dataset
     with stage_run("report", select(cfg, PARAMS)) as mlflow_run:
         mlflow_run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
         logits, targets = predict(model.to(runtime.device, memory_format=runtime.memory_format), loader, runtime)
-        interp = it.Interpretation.from_logits(logits, targets)
-        classes = meta["classes"]
-        cm = it.confusion_matrix(interp.targets, interp.preds, len(classes))
-        confused = it.most_confused(cm, classes, cfg.report.most_confused_min)
-        per_class = it.per_class_metrics(cm, classes)
-        worst = it.top_losses(interp.losses, cfg.report.top_losses)
-        summary = classification_metrics(logits, targets)
-
-        figures = {
-            "confusion": fg.confusion_figure(cm, classes),
-            "top_losses": fg.top_losses_figure(
-                [fg.thumbnail(store.square(int(valid.positions[i]), 0.5)) for i in worst],  # the square the model saw
-                [f"{classes[interp.preds[i]]}/{classes[interp.targets[i]]}/{interp.losses[i]:.2f}/{interp.probs[i, interp.preds[i]]:.2f}" for i in worst],
-            ),
-            "curves": fg.curves_figure({p.stem: read_rows(p) for p in curves}),
-        }
-        for name, png in figures.items():
-            write_bytes(out_dir / f"{name}.png", png)
-        write_rows(out_dir / "per_class.csv", per_class)
-        confused_rows = [{"actual": a, "predicted": p, "count": n} for a, p, n in confused]
-        write_rows(out_dir / "most_confused.csv", confused_rows, columns=["actual", "predicted", "count"])
-        write_rows(out_dir / "confusion.csv", [{"actual": classes[i], **dict(zip(classes, map(int, row)))} for i, row in enumerate(cm)])
-
-        page = rp.render_html(
-            f"petpipe report: {meta['arch']} on {len(classes)} classes",
-            {"accuracy": f"{summary['accuracy']:.4f}", "error rate": f"{summary['error_rate']:.4f}",
-             "valid loss": f"{summary['valid_loss']:.4f}", "validation images": str(len(valid))},
-            [
-                ("Training curves", rp.img_tag(figures["curves"], "training curves")),
-                ("Learning-rate finder", rp.img_tag(lr_find_figure_path.read_bytes(), "lr_find")),
-                ("Confusion matrix", rp.img_tag(figures["confusion"], "confusion matrix")),
-                ("Most confused (actual, predicted, count)",
-                 rp.table_html(confused_rows[:30], ["actual", "predicted", "count"])
-                 if confused else "<p>No confusions at or above report.most_confused_min.</p>"),
-                (f"Top {len(worst)} losses", rp.img_tag(figures["top_losses"], "top losses")),
-                ("Per-class metrics", rp.table_html(per_class, ["class", "precision", "recall", "f1", "support"])),
-            ],
+        preds = rb.Predictions(
+            classes=classes, paths=[store.paths[int(i)] for i in loader.dataset.positions], interp=Interpretation.from_logits(logits, targets),
+            metrics=classification_metrics(logits, targets), inputs=lambda items: ri.validation_inputs(loader, items),
         )  # fmt: skip
-        write_text(html_path, page)
-        write_json(metrics, summary)
-        mlflow_run.log_metrics(summary)
-        mlflow_run.log_artifact(html_path)
-        for path in sorted(out_dir.iterdir()):
-            mlflow_run.log_artifact(path, "interpretation")
-    print(f"report: {html_path} (accuracy {summary['accuracy']:.4f})")
-    return summary
+        report = rb.build_report(run_info, data, lr, preds, top_losses=cfg.report.top_losses, most_confused_min=cfg.report.most_confused_min)
+
+        written = rb.write_report(report, out_dir=out_dir, predictions=predictions, html_path=html_path, summary=summary, metrics=metrics)
+        mlflow_run.log_metrics({**report.metrics, "report_seconds": time.perf_counter() - started})
+        for path in written:
+            mlflow_run.log_artifact(path, "interpretation" if path.parent == out_dir else None)
+    print(f"report: {html_path} ({len(report.html):,} bytes), {summary}; accuracy {report.metrics['accuracy']:.4f} on {len(targets)} "
+          f"validation images; {time.perf_counter() - started:.1f} s")  # fmt: skip
+    return report.metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = [
-        *TRAINING_DATA, ("final", "final model checkpoint"), ("curves", "per-epoch CSVs of the training stages"),
-        ("lr_find_figure_path", "lr_find PNG to embed"), ("out_dir", "folder for confusion, top losses, per-class files"),
-        ("html_path", "HTML report to write"), ("metrics", "validation metrics JSON"),
+        *TRAINING_DATA, ("labels_skipped", "files the labels stage skipped (path,reason CSV)"), ("final", "final model checkpoint"),
+        ("frozen_curve", "per-epoch CSV of train_frozen"), ("finetune_curve", "per-epoch CSV of finetune"),
+        ("lr_find_curve", "lr_find's loss-vs-LR CSV"), ("lr_find_result", "lr_find's suggestions JSON"),
+        ("chosen_lr", "fine-tuning LRs chosen by choose_lr"), ("profiles", "folder of profiles to compare the params with"),
+        ("out_dir", "folder for the figures and tables"), ("predictions", "actual,predicted CSV per validation image"),
+        ("html_path", "HTML report to write"), ("summary", "markdown summary to write"), ("metrics", "validation metrics JSON"),
     ]  # fmt: skip
-    return stage_main(run, arguments, description=__doc__, multiple=("curves",), argv=argv)
+    return stage_main(run, arguments, description=__doc__, argv=argv)
 
 
 if __name__ == "__main__":

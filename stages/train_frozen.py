@@ -17,6 +17,7 @@ PARAMS = (
 def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: Path) -> dict:
     from petpipe.data import make_loaders
     from petpipe.model import build_model, freeze_body, layer_groups
+    from petpipe.resume import resume_point
     from petpipe.training import augment_params, fit_and_record, prepare
 
     runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)
@@ -31,6 +32,7 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: P
         "train_frozen", select(cfg, PARAMS), runtime=runtime, model=model, meta={"arch": cfg.train.arch, "classes": classes, "size": cfg.train.size},
         train_loader=train_loader, valid_loader=valid_loader, epochs=cfg.train_frozen.epochs, lr_max=[cfg.train_frozen.lr] * len(layer_groups(model)),
         pct_start=cfg.train_frozen.pct_start, weight_decay=cfg.train.weight_decay, checkpoint=checkpoint, metrics=metrics, plot=plot,
+        resume=resume_point("train_frozen", select(cfg, PARAMS), inputs=[presized]),
     )  # fmt: skip
 
 

@@ -90,6 +90,15 @@ def dataset_tarball(tmp_path: Path) -> Path:
     return make_tarball(write_folder_dataset(tmp_path / "src"), tmp_path / "tiny.tgz")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def download_cache(tmp_path_factory) -> Path:
+    """Downloads go to a temporary cache, never to the user's ~/.cache/petpipe (stage subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("download-cache")
+        patch.setenv("PETPIPE_CACHE_DIR", str(path))
+        yield path
+
+
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Static files with HTTP Range support (resumable downloads), quiet logs."""
 
@@ -156,8 +165,14 @@ def copy_store(template: Path, dest: Path) -> Path:
 
 @pytest.fixture
 def mlflow_store(mlflow_template, tmp_path) -> str:
-    """Tracking URI of a private, already migrated sqlite store."""
-    return f"sqlite:///{copy_store(mlflow_template, tmp_path / 'mlflow-store' / 'mlflow.db')}"
+    """Tracking URI of a private, already migrated sqlite store whose ``petpipe`` experiment keeps
+    its artifacts beside it (not in ./mlruns of the working directory)."""
+    from mlflow.tracking import MlflowClient
+
+    home = tmp_path / "mlflow-store"
+    uri = f"sqlite:///{copy_store(mlflow_template, home / 'mlflow.db')}"
+    MlflowClient(uri).create_experiment("petpipe", artifact_location=(home / "artifacts").as_uri())
+    return uri
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,7 @@ def test_missing_key_is_an_error():
         ("presize.size", 4, r"^presize.size: 4: input should be greater than or equal to 8$"),
         ("device", "gpu", r"^device: 'gpu' is not allowed; allowed: 'auto', 'cpu', 'cuda', 'mps'$"),
         ("precision", "fp8", r"^precision: 'fp8' is not allowed; allowed: 'auto', 'fp32', 'fp16', 'bf16'$"),
-        ("labels.rule", "glob", r"^labels.rule: 'glob' is not allowed; allowed: 'folder', 'regex', 'csv'$"),
+        ("labels.rule", "glob", r"^labels.rule: 'glob' is not allowed; allowed: 'folder', 'regex', 'csv', 'function'$"),
         ("finetune.max_lr", "fast", r"^finetune.max_lr: 'fast' is not allowed: give \[lo, hi\] \(two numbers\) or 'auto'$"),
         ("finetune.max_lr", [1e-3], r"^finetune.max_lr: \[0.001\] is not allowed: give \[lo, hi\]"),
         ("finetune.max_lr", [1e-2, 1e-4], r"^finetune.max_lr: \[0.01, 0.0001\] must be \[lo, hi\] with 0 < lo <= hi"),
@@ -144,7 +144,8 @@ def test_flatten_and_select():
     cfg = load_config(ROOT / "profiles/digits.yaml")
     flat = flatten(cfg)
     assert flat["train.arch"] == "resnet18" and flat["finetune.max_lr"] == [1e-3, 1e-2] and flat["seed"] == 42
-    assert select(cfg, ["data", "seed"]) == {"seed": 42, "data.url": "assets/digits.tgz", "data.sha256": cfg.data.sha256}
+    assert select(cfg, ["data.url", "data.sha256", "seed"]) == {"seed": 42, "data.url": "assets/digits.tgz", "data.sha256": cfg.data.sha256}
+    assert set(select(cfg, ["data"])) == {f"data.{key}" for key in type(cfg.data).model_fields}
     assert set(select(cfg, ["train.size"])) == {"train.size"}  # a key is not a prefix of train.size_x
 
 

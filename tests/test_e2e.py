@@ -24,7 +24,7 @@ TRACKED = [s for s in STAGES if s not in UNTRACKED]
 
 def tiny_params(repo: Path, archive: Path) -> dict:
     params = yaml.safe_load((ROOT / "profiles" / "digits.yaml").read_text())
-    params["data"] = {"url": archive.relative_to(repo).as_posix(), "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}
+    params["data"].update(url=archive.relative_to(repo).as_posix(), sha256=hashlib.sha256(archive.read_bytes()).hexdigest(), size=None)
     params["presize"]["size"] = 24
     params["train"].update(size=16, batch_size=12, num_workers=1)  # one worker process: the multi-process loader path
     params["train_frozen"]["epochs"] = 1

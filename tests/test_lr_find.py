@@ -11,6 +11,7 @@ from petpipe.lr_find import (
     suggest_minimum,
     suggest_steep,
     suggest_valley,
+    trimmed,
 )
 
 
@@ -63,6 +64,38 @@ def test_suggestions_skip_the_first_tenth_of_num_it():
     losses = [0.1] * 3 + list(np.linspace(3.0, 1.0, 22)) + [2.0, 3.0, 4.0, 5.0, 6.0]  # a fake early dip at 0..2
     tips = suggest({"lr": lrs, "loss": losses}, num_it=30)
     assert tips["minimum"] > lrs[2]  # the dip before num_it // 10 = 3 points is ignored
+
+
+def test_a_nan_cuts_the_curve_where_fastai_does():
+    """fastai runs on through a NaN, drops the last 5 points, then cuts at the first NaN: end = min(first NaN, num_it - 5)."""
+    num_it = 40
+    lrs = list(np.logspace(-6, 0, num_it))
+    losses = list(np.linspace(3.0, 1.0, 38)) + [float("nan")]  # stopped at the first NaN, index 38
+    trimmed_lrs, trimmed_losses = trimmed(lrs[:39], losses, num_it)
+    assert len(trimmed_lrs) == (num_it - 5) - num_it // 10 and np.all(np.isfinite(trimmed_losses))  # min(38, 35) = 35
+    early = list(np.linspace(3.0, 1.0, 20)) + [float("nan")]  # first NaN at 20 < 35: cut there, keep point 19
+    assert len(trimmed(lrs[:21], early, num_it)[0]) == 20 - num_it // 10
+    diverged = list(np.linspace(3.0, 1.0, 25))  # stopped by the 4x rule: drop the last 5
+    assert len(trimmed(lrs[:25], diverged, num_it)[0]) == 25 - 5 - num_it // 10
+
+
+def test_valley_of_a_decline_from_the_first_point_is_not_the_last_lr():
+    """fastai's index is -1 here and returns the last (largest) LR; we return the first (documented deviation)."""
+    lrs = np.array([1e-5, 1e-4, 1e-3, 1e-2])
+    assert suggest_valley(lrs, np.array([2.0, 1.0, 3.0, 4.0])) == 1e-5
+    # A long decline from the first point: fastai's formula, start -1 included: -1 + int(10/3) + int(10/3/2) = 3.
+    long_lrs = np.logspace(-6, 0, 12)
+    assert suggest_valley(long_lrs, np.array([10.0 - i for i in range(10)] + [5.0, 9.0])) == long_lrs[3]
+
+
+def test_range_test_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 1, 1), torch.randint(0, 2, (64,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lr_range_test(model, loader, make_runtime("cpu", "fp32"), start_lr=1e-4, end_lr=1.0, num_it=8, weight_decay=0.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_auto_max_lr_is_valley_over_100_to_valley():

@@ -40,6 +40,9 @@ def test_freeze_keeps_batchnorm_and_head_trainable(resnet):
     for module in body.modules():
         for p in module.parameters(recurse=False):
             assert p.requires_grad == isinstance(module, nn.BatchNorm2d)
+    assert count_trainable(resnet) == sum(p.numel() for m in body.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)) + sum(
+        p.numel() for p in head.parameters()
+    )
     assert all(p.requires_grad for p in head.parameters())
     frozen_count = count_trainable(resnet)
     unfreeze(resnet)
@@ -55,12 +58,35 @@ def test_three_layer_groups_cover_every_parameter_once(resnet):
     assert {id(p) for p in resnet[0][6].parameters()} <= {id(p) for p in groups[1]}
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "densenet121", "efficientnet_b0", "regnet_y_400mf"])
-def test_other_cnn_families_get_a_body_head_and_three_real_groups(arch):
+@pytest.mark.parametrize("arch, n_groups", [("mobilenet_v3_small", 2), ("efficientnet_b0", 2), ("regnet_y_400mf", 2), ("squeezenet1_1", 3)])
+def test_other_cnn_families_get_fastais_groups(arch, n_groups):
+    """fastai splits the families it knows (resnet, densenet, vgg, alexnet, squeezenet) in two; the rest are body | head."""
     model = build_model(arch, 4)
     model.eval()
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
-    assert all(len(group) > 0 for group in layer_groups(model))
+    groups = layer_groups(model)
+    assert len(groups) == n_groups and all(groups)
+    assert sum(len(g) for g in groups) == len(list(model.parameters()))
+
+
+def test_densenet_groups_match_fastai_parameter_counts():
+    """fastai 2.8 vision_learner(densenet121, n_out=37): features[:7] | features[7:] | head."""
+    groups = layer_groups(build_model("densenet121", 37))
+    assert [sum(p.numel() for p in g) for g in groups] == [1_297_536, 5_656_320, 1_072_640]
+
+
+def test_frozen_convnext_keeps_its_layernorms_trainable_like_fastai():
+    """fastai's train_bn covers every norm layer: convnext_tiny (37 classes) frozen has 824,256 trainable parameters."""
+    model = build_model("convnext_tiny", 37)
+    freeze_body(model)
+    assert count_trainable(model) == 824_256
+
+
+def test_head_batchnorm_init_is_fastais():
+    """fastai BatchNorm(nf, ndim=1): weight 1, bias 1e-3."""
+    head = create_head(64, 5)
+    for bn in (head[2], head[6]):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.allclose(bn.bias, torch.full_like(bn.bias, 1e-3))
 
 
 def test_weights_from_a_state_dict_file(tmp_path):

@@ -93,7 +93,7 @@ def write_pets_like(root):
 
 def test_labels_then_presize_on_awkward_files_then_training(tiny_params, tmp_path):
     dataset = write_pets_like(tmp_path / "pets")
-    tiny_params["labels"].update(rule="regex", images_dir="images", pattern=r"^(.+)_\d+\.jpg$", regex_on="name", valid_pct=0.25)
+    tiny_params["labels"].update(rule="regex", images_dir="images", pattern=r"^(.+)_\d+\.jpg$", regex_on="name", split="random", valid_pct=0.25)
     tiny_params["presize"]["size"] = 24
     params = write_params(tmp_path / "p.yaml", tiny_params)
     labels, store = tmp_path / "labels", tmp_path / "presized"

@@ -53,15 +53,42 @@ class Section(BaseModel):
 class DataConfig(Section):
     url: str = Field(min_length=1, description="`http://`, `https://`, `file://` URL or a path inside the repository; tar (any compression) or zip")
     sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the archive, checked before extraction; null skips the check and prints the digest to pin")
+    md5: str | None = Field(
+        pattern=r"^[0-9a-f]{32}$", description="MD5 of the whole archive (torchvision's catalogue publishes these), checked like `data.sha256`; null skips it"
+    )  # fmt: skip
+    size: int | None = Field(
+        ge=1, description="size of the archive in bytes: a download whose server announces another size stops at once, a cached or local archive "
+        "of another size is refused; null skips the check"
+    )  # fmt: skip
+    max_members: int = Field(ge=1, description="most entries (files and folders) the archive may hold; more stops the extraction")
+    max_unpacked_bytes: int = Field(ge=1, description="most bytes the extracted files may take together; more stops the extraction")
+
+
+FUNCTION_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
 class LabelsConfig(Section):
-    rule: Literal["folder", "regex", "csv"] = Field(description="how an image gets its label (see *Labelling rules*)")
-    images_dir: str = Field(min_length=1, description="folder inside the dataset that holds the images (`.` = the whole dataset)")
+    rule: Literal["folder", "regex", "csv", "function"] = Field(description="how an image gets its label (see *Labelling rules*)")
+    images_dir: str = Field(min_length=1, description="folder inside the dataset that holds the images (`.` = the whole dataset); other files are ignored")
     pattern: str | None = Field(description="rule `regex`: a regex with exactly one capture group, the label")
-    regex_on: Literal["name", "path"] = Field(description="match the pattern against the file name (fastai `from_name_re`) or the path relative to the dataset")
-    csv: str | None = Field(description="rule `csv`: file inside the dataset with `name,label` and optionally `is_valid` columns; names are relative to `images_dir`")
-    valid_pct: Float = Field(gt=0, lt=1, description="share of images drawn for validation when the data has no split of its own")
+    regex_on: Literal["name", "path"] = Field(
+        description="what the pattern (rule `regex`) or the function (rule `function`) is applied to: the file name (fastai `from_name_re`, "
+        "`from_name_func`) or the path relative to the dataset"
+    )  # fmt: skip
+    csv: str | None = Field(
+        description="rule `csv`: file inside the dataset with `name,label` columns (and `is_valid` for `split: column`); names are relative to `images_dir`"
+    )  # fmt: skip
+    function: str | None = Field(
+        description="rule `function`: `module:callable` importable from the repository root, called with the file name (or path, see "
+        "`regex_on`) and returning the label (fastai `from_name_func`)"
+    )  # fmt: skip
+    split: Literal["random", "folder", "column", "file"] = Field(
+        description="how the validation set is chosen: `random` (`valid_pct`), `folder` (`train/` and `valid/` folders), `column` "
+        "(the csv's `is_valid`), `file` (`valid_file` / `train_file`); see *Validation split*"
+    )  # fmt: skip
+    valid_pct: Float = Field(gt=0, lt=1, description="split `random`: share of the images drawn for validation")
+    valid_file: str | None = Field(description="split `file`: file inside the dataset listing the validation images, one name per line (first field)")
+    train_file: str | None = Field(description="split `file`: file inside the dataset listing the training images, one name per line (first field)")
 
     @model_validator(mode="after")
     def _rule_needs(self) -> LabelsConfig:
@@ -76,6 +103,14 @@ class LabelsConfig(Section):
                 raise ValueError(f"labels.pattern: {self.pattern!r} has {groups} capture groups; exactly one (the label) is allowed")
         if self.rule == "csv" and not self.csv:
             raise ValueError("labels.csv: required when labels.rule is 'csv' (a file inside the dataset with name,label columns)")
+        if self.rule == "function" and not self.function:
+            raise ValueError("labels.function: required when labels.rule is 'function' ('module:callable', e.g. 'labelling:is_cat')")
+        if self.function is not None and not FUNCTION_SPEC.match(self.function):
+            raise ValueError(f"labels.function: {self.function!r} is not allowed: give 'module:callable', e.g. 'labelling:is_cat' or 'mypkg.rules:breed'")
+        if self.split == "column" and self.rule != "csv":
+            raise ValueError(f"labels.split: 'column' takes the split from the is_valid column of labels.csv, so it needs labels.rule 'csv' (not {self.rule!r})")
+        if self.split == "file" and not (self.valid_file or self.train_file):
+            raise ValueError("labels.split: 'file' needs labels.valid_file or labels.train_file (or both), e.g. annotations/test.txt")
         return self
 
 

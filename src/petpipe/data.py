@@ -75,6 +75,11 @@ class DeviceLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """Every random stream of this loader (shuffle and crop positions, augmentation): a resumed run restores them."""
+        return [g for g in (self.loader.sampler.generator, self.generator) if g is not None]
+
     def transform(self, images: torch.Tensor) -> torch.Tensor:
         if self.generator is None:
             out = valid_batch(images, size=self.size)

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from petpipe.device import Runtime
 from petpipe.errors import PetpipeError
 from petpipe.files import atomic_open
-from petpipe.model import layer_groups
+from petpipe.model import NORM_TYPES, layer_groups
+from petpipe.resume import ResumePoint, load_state, rng_states, save_state, set_rng_states
 from petpipe.schedule import OneCycle
 
 ADAM_BETAS = (0.9, 0.99)  # fastai's Adam defaults; beta1 is overwritten by the one-cycle momentum
@@ -29,8 +30,7 @@ class DivergedError(PetpipeError):
 
 def no_decay_params(module: nn.Module) -> set[int]:
     """ids of normalisation-layer parameters and biases: fastai (``wd_bn_bias=False``) does not decay them."""
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-    ids = {id(p) for m in module.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
+    ids = {id(p) for m in module.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
     return ids | {id(p) for name, p in module.named_parameters() if name.endswith("bias")}
 
 
@@ -124,14 +124,35 @@ def fit_one_cycle(
     weight_decay: float,
     runtime: Runtime,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    resume: ResumePoint | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
-    """fastai's ``fit_one_cycle``: one cycle over all epochs; returns the per-epoch metrics."""
+    """fastai's ``fit_one_cycle``: one cycle over all epochs; returns the per-epoch metrics.
+
+    With ``resume``, the whole training state is saved after every epoch, and a saved state made
+    from the same params and inputs is continued from (its epochs are not trained again).
+    """
     model.to(runtime.device, memory_format=runtime.memory_format)
     optimizer = make_optimizer(model, weight_decay, layer_groups(model))
     schedule = OneCycle(optimizer, per_param_group(optimizer, lr_max), total_steps=epochs * len(train_loader), pct_start=pct_start)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-    history = []
-    for epoch in range(epochs):
+    generators = getattr(train_loader, "generators", ())
+    history: list[dict[str, float]] = []
+    saved = load_state(resume) if resume else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        schedule.step_num = saved["step_num"]
+        history = saved["history"]
+        set_rng_states(saved["rng"], generators)
+        print(f"resume: continuing after epoch {len(history)} of {epochs} ({resume.path})", flush=True)
+        if on_resume:
+            on_resume(len(history))
+        for row in history:  # the epochs done before the interruption, reported again for the new run's records
+            if on_epoch_end:
+                on_epoch_end(row)
+    for epoch in range(len(history), epochs):
         started = time.perf_counter()
         train_loss, images = train_one_epoch(model, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}")
         train_seconds = time.perf_counter() - started  # each step syncs on its loss: the work is done
@@ -140,6 +161,9 @@ def fit_one_cycle(
         row |= {"epoch_seconds": time.perf_counter() - started, "train_images_per_s": images / train_seconds}
         history.append(row)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        if resume:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+            save_state(resume, {**state, "step_num": schedule.step_num, "history": history, "rng": rng_states(generators)})
         if on_epoch_end:
             on_epoch_end(row)
     return history

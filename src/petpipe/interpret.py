@@ -1,4 +1,4 @@
-"""Interpretation of validation predictions: confusion, most confused, top losses, per-class metrics."""
+"""Interpretation of validation predictions: confusion, most confused, top losses, top-k accuracy, per-class metrics."""
 
 from __future__ import annotations
 
@@ -25,11 +25,35 @@ class Interpretation:
         return cls(logits.softmax(1).numpy(), targets.numpy(), losses.numpy())
 
 
+def top_k_accuracy(probs: np.ndarray, targets: np.ndarray, k: int) -> float:
+    """Share of items whose actual class is among the ``k`` most probable (equal probabilities: lower class index first)."""
+    top = np.argsort(-probs, axis=1, kind="stable")[:, : min(k, probs.shape[1])]
+    return float((top == targets[:, None]).any(axis=1).mean())
+
+
 def confusion_matrix(targets: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
     """Rows are actual classes, columns predicted ones."""
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(cm, (targets, preds), 1)
     return cm
+
+
+def normalise_rows(cm: np.ndarray) -> np.ndarray:
+    """Each row (actual class) divided by its total: the share of that class predicted as each class (0 where empty)."""
+    totals = cm.sum(1, keepdims=True)
+    return np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
+
+
+def most_confused_classes(cm: np.ndarray, n: int) -> np.ndarray:
+    """Indices (ascending) of the ``n`` classes with the most errors, as actual or as predicted class.
+
+    The view of a confusion matrix too large to read: its rows and columns for these classes.
+    Equal error counts: lower class index first.
+    """
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    errors = off.sum(0) + off.sum(1)
+    return np.sort(np.argsort(-errors, kind="stable")[:n])
 
 
 def most_confused(cm: np.ndarray, classes: list[str], min_count: int = 1) -> list[tuple[str, str, int]]:

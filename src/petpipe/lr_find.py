@@ -37,7 +37,20 @@ def lr_range_test(
     num_it: int,
     weight_decay: float,
 ) -> dict[str, list[float]]:
-    """Train with a growing LR (same for all layers) and record the loss; modifies ``model``'s weights."""
+    """Train with a growing LR (same for all layers) and record the loss.
+
+    ``model``'s weights (and norm statistics) are restored afterwards, as fastai's ``lr_find`` does.
+    """
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        return _range_test(model, loader, runtime, start_lr=start_lr, end_lr=end_lr, num_it=num_it, weight_decay=weight_decay)
+    finally:
+        model.load_state_dict(initial)
+
+
+def _range_test(
+    model: nn.Module, loader: DataLoader, runtime: Runtime, *, start_lr: float, end_lr: float, num_it: int, weight_decay: float
+) -> dict[str, list[float]]:  # fmt: skip
     model.to(runtime.device, memory_format=runtime.memory_format).train()
     optimizer = make_optimizer(model, weight_decay, [list(model.parameters())])  # one LR for all layers
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
@@ -84,12 +97,18 @@ class LossRecorder:
 
 
 def trimmed(lrs: list[float], losses: list[float], num_it: int) -> tuple[np.ndarray, np.ndarray]:
-    """Drop the noisy start (num_it // 10 points) and the diverging end (5), as fastai does."""
+    """Drop the noisy start (num_it // 10 points) and the diverging end, as fastai does.
+
+    fastai keeps training through a NaN (NaN is never > 4x the best loss) to ``num_it``, drops the
+    last 5 points, then cuts at the first NaN. A smoothed NaN stays NaN, so we stop at the first
+    one and cut at min(first NaN, num_it - 5): the same points, without the wasted iterations.
+    A test stopped by the 4x rule (or run to the end) drops its last 5 points.
+    """
     start = num_it // SKIP_START_DIVISOR
-    end = max(len(lrs) - SKIP_END, start + 2)
-    lr, loss = np.asarray(lrs[start:end], float), np.asarray(losses[start:end], float)
-    keep = np.isfinite(loss)
-    return lr[keep], loss[keep]
+    losses_array = np.asarray(losses, float)
+    non_finite = np.flatnonzero(~np.isfinite(losses_array))
+    end = min(int(non_finite[0]), num_it - SKIP_END) if len(non_finite) else len(lrs) - SKIP_END
+    return np.asarray(lrs[start:end], float), losses_array[start:end]
 
 
 def suggest_minimum(lrs: np.ndarray, losses: np.ndarray) -> float:
@@ -120,6 +139,9 @@ def suggest_valley(lrs: np.ndarray, losses: np.ndarray) -> float:
             best_end = i
     span_start = best_end - length[best_end]
     third = (best_end - span_start) / 3
+    # A stretch starting at index 0 gives span_start -1 (fastai's formula, kept). When the stretch is
+    # also shorter than 3 points the index is -1, and fastai returns the LAST (largest, diverging)
+    # LR; we return the first instead: a valley cannot lie beyond the stretch it describes.
     return float(lrs[max(0, span_start + int(third) + int(third / 2))])
 
 

@@ -19,7 +19,13 @@ from petpipe.errors import PetpipeError
 HIDDEN = 512  # fastai create_head: lin_ftrs=[512]
 DROPOUT = 0.5  # fastai create_head: ps=0.5 (the first dropout uses ps/2)
 AUX_HEAD_ARCHS = ("googlenet", "inception_v3")  # their bodies hold training-only auxiliary classifiers
-BODY_SPLIT = 0.75  # first 3/4 of the body's children form layer group 0 (fastai splits resnets 6/8)
+# Where fastai splits a body into two layer groups (vision/learner.py model_meta), by arch family:
+# the first N children of the cut body form group 0. Families fastai has no split for get two
+# groups, body | head.
+BODY_SPLITS = {"resnet": 6, "resnext": 6, "wide_resnet": 6, "densenet": 7, "vgg": 22, "alexnet": 6, "squeezenet": 5}
+# The layers fastai's train_bn keeps trainable in a frozen body and exempts from weight decay:
+# BatchNorm and InstanceNorm (both _NormBase) and LayerNorm (convnext's LayerNorm2d too), not GroupNorm.
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm)
 
 
 class ModelError(PetpipeError, ValueError):
@@ -55,6 +61,9 @@ def create_head(n_features: int, n_classes: int) -> nn.Sequential:
     for layer in head:
         if isinstance(layer, nn.Linear):
             nn.init.kaiming_normal_(layer.weight)
+        elif isinstance(layer, nn.BatchNorm1d):  # fastai BatchNorm(nf, ndim=1): weight 1, bias 1e-3
+            nn.init.ones_(layer.weight)
+            nn.init.constant_(layer.bias, 1e-3)
     return head
 
 
@@ -121,25 +130,40 @@ def body_features(body: nn.Module) -> int:
     return out.shape[1]
 
 
-def build_model(arch: str, n_classes: int, weights: str = "none") -> nn.Sequential:
+class PetpipeModel(nn.Sequential):
+    """``Sequential(body, head)`` that remembers where fastai splits its body (None: no split)."""
+
+    def __init__(self, body: nn.Sequential, head: nn.Sequential, body_split: int | None):
+        super().__init__(body, head)
+        self.body_split = body_split
+
+
+def body_split_for(arch: str, n_children: int) -> int | None:
+    """fastai's split point for ``arch``'s family, if it has one and the body is long enough."""
+    family = next((f for f in sorted(BODY_SPLITS, key=len, reverse=True) if arch.startswith(f)), None)
+    split = BODY_SPLITS.get(family) if family else None
+    return split if split is not None and 0 < split < n_children else None
+
+
+def build_model(arch: str, n_classes: int, weights: str = "none") -> PetpipeModel:
     body = cut_body(load_torchvision(arch, weights), arch)
-    return nn.Sequential(body, create_head(body_features(body), n_classes))
+    return PetpipeModel(body, create_head(body_features(body), n_classes), body_split_for(arch, len(body)))
 
 
 def layer_groups(model: nn.Sequential) -> list[list[nn.Parameter]]:
-    """Three groups for discriminative LRs: early body, late body, head."""
+    """fastai's groups for discriminative LRs: early body | late body | head for the families it
+    splits (resnets, densenets, vgg, ...), body | head for the others (efficientnet, convnext, ...)."""
     body, head = model[0], model[1]
-    split = min(max(1, round(BODY_SPLIT * len(body))), len(body) - 1)
-    groups = [list(body[:split].parameters()), list(body[split:].parameters()), list(head.parameters())]
-    if not all(groups):
-        raise ModelError(f"cannot split this body of {len(body)} blocks into two non-empty layer groups")
-    return groups
+    split = getattr(model, "body_split", None)
+    if split is None:
+        return [list(body.parameters()), list(head.parameters())]
+    return [list(body[:split].parameters()), list(body[split:].parameters()), list(head.parameters())]
 
 
 def freeze_body(model: nn.Sequential) -> None:
-    """Train only the head, plus every BatchNorm layer (fastai's ``train_bn=True``)."""
+    """Train only the head, plus every norm layer (fastai's ``train_bn=True``)."""
     for module in model[0].modules():
-        trainable = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        trainable = isinstance(module, NORM_TYPES)
         for p in module.parameters(recurse=False):
             p.requires_grad_(trainable)
     model[1].requires_grad_(True)

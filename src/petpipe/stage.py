@@ -8,6 +8,7 @@ imported: fetch and labels start without torch.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +35,20 @@ def stage_main(
         nargs = "+" if name in multiple else None
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, help=help_text, nargs=nargs)
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the stage like Ctrl-C: cleanly
     try:
         cfg = load_config(args.params)
         run(cfg, **{name: getattr(args, name) for name, _ in arguments})
     except PetpipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output was written as complete; run the stage again to resume a training stage from its last epoch", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -96,5 +96,8 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[StageRun]:
         handle.log_params(params)
         yield handle
         status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the stage turns it into KeyboardInterrupt)
+        status = "KILLED"
+        raise
     finally:
         mlflow.end_run(status=status)

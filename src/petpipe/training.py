@@ -19,6 +19,7 @@ from petpipe.device import Runtime, make_runtime, seed_everything
 from petpipe.engine import fit_one_cycle, load_checkpoint, save_checkpoint
 from petpipe.files import write_json, write_rows
 from petpipe.model import build_model, count_trainable
+from petpipe.resume import ResumePoint, clear_state
 from petpipe.tracking import stage_run
 
 
@@ -44,7 +45,7 @@ def restore(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
 def fit_and_record(
     stage: str, params: dict[str, Any], *, runtime: Runtime, model: nn.Sequential, meta: dict[str, Any], train_loader: DataLoader,
     valid_loader: DataLoader, epochs: int, lr_max: list[float], pct_start: float, weight_decay: float, checkpoint: Path, metrics: Path,
-    plot: Path, extra_metrics: dict[str, float] | None = None,
+    plot: Path, extra_metrics: dict[str, float] | None = None, resume: ResumePoint | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Body of train_frozen and finetune: one-cycle fit, checkpoint, metrics, curves, one MLflow run."""
     print(f"{stage}: {runtime.describe()}; {len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid images; "
@@ -55,6 +56,7 @@ def fit_and_record(
         history = fit_one_cycle(
             model, train_loader, valid_loader, epochs=epochs, lr_max=lr_max, pct_start=pct_start, weight_decay=weight_decay, runtime=runtime,
             on_epoch_end=lambda row: run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
+            resume=resume, on_resume=lambda epoch: run.set_tags({"petpipe.resumed_after_epoch": str(epoch)}),
         )  # fmt: skip
         save_checkpoint(checkpoint, model, meta={**meta, "stage": stage, "epochs": epochs})
         final = {k: v for k, v in history[-1].items() if k != "epoch"} | (extra_metrics or {})
@@ -62,6 +64,8 @@ def fit_and_record(
         write_rows(plot, history)
         run.log_artifact(plot, "curves")
         run.log_artifact(checkpoint, "model")
+    if resume:
+        clear_state(resume)  # the outputs are complete: nothing left to resume
     return final
 
 

@@ -1,0 +1,99 @@
+"""Resumable training: the whole training state after every epoch, written atomically where DVC
+does not look (``.dvc/tmp/resume/<stage>.pt``), so a killed stage continues from its last epoch.
+
+The state holds the model, optimizer, one-cycle position, GradScaler, the epochs' metrics so far
+and every random stream (Python, NumPy, torch, CUDA and the loader's own generators), so a resumed
+CPU run ends with exactly the metrics of an uninterrupted one. A state written for other params or
+other inputs (its ``key`` differs) is discarded with a message. The file is deleted when the stage
+finishes; ``rm -r .dvc/tmp/resume`` discards every pending resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from petpipe.files import atomic_open
+
+RESUME_DIR = Path(".dvc") / "tmp" / "resume"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a stage keeps its training state, and what that state must have been made from."""
+
+    path: Path
+    key: dict[str, Any]
+
+
+def file_digest(path: Path) -> str:
+    """MD5 of a file, or of a folder's small index files (a presized store: its index, not its pixels)."""
+    digest = hashlib.md5()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".json", ".npy", ".csv"))
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def resume_point(stage: str, params: dict[str, Any], inputs: Sequence[Path], root: Path = Path(".")) -> ResumePoint:
+    """The resume file of ``stage``; its key is the stage's params and the digests of its inputs."""
+    key = {"params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}, "inputs": {str(p): file_digest(p) for p in inputs}}
+    return ResumePoint(root / RESUME_DIR / f"{stage}.pt", key)
+
+
+def rng_states(generators: Sequence[torch.Generator]) -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def set_rng_states(states: dict[str, Any], generators: Sequence[torch.Generator]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for generator, state in zip(generators, states["generators"], strict=True):
+        generator.set_state(state)
+
+
+def save_state(point: ResumePoint, state: dict[str, Any]) -> None:
+    """Write the state atomically: a kill during the write leaves the previous epoch's state."""
+    with atomic_open(point.path, "wb") as f:
+        torch.save({"key": point.key, **state}, f)
+
+
+def load_state(point: ResumePoint) -> dict[str, Any] | None:
+    """The saved state if there is one made from the same params and inputs, else None (a stale one is deleted)."""
+    if not point.path.is_file():
+        return None
+    try:
+        state = torch.load(point.path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+    except Exception as err:  # a file from another torch version or a damaged disk: start over
+        print(f"resume: ignoring {point.path}, which cannot be read ({type(err).__name__}: {err})", file=sys.stderr)
+        point.path.unlink(missing_ok=True)
+        return None
+    if state.get("key") != point.key:
+        print(f"resume: discarding {point.path}: it was written for other params or inputs; starting from epoch 1", file=sys.stderr)
+        point.path.unlink(missing_ok=True)
+        return None
+    return state
+
+
+def clear_state(point: ResumePoint) -> None:
+    point.path.unlink(missing_ok=True)

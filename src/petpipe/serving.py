@@ -1,0 +1,73 @@
+"""The final model as a predictor of raw images: a DataFrame column ``image`` (file paths or encoded
+bytes) in, a DataFrame with ``label`` and ``probability`` out.
+
+Preprocessing is the validation path of training, from the same functions: decode (EXIF-rotated,
+RGB) with the shorter side at the presize size, the centre square, resampled to the training size
+and normalised. No MLflow here: ``tracking.ImageClassifierModel`` wraps it as a pyfunc model.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from petpipe.augment import valid_batch
+from petpipe.data import CENTRE
+from petpipe.engine import load_checkpoint
+from petpipe.errors import PetpipeError
+from petpipe.model import build_model
+from petpipe.presize import decode_presized
+
+IMAGE_COLUMN = "image"
+BATCH = 64
+
+
+def centre_square(image: np.ndarray, size: int) -> np.ndarray:
+    """The centre ``size`` x ``size`` square of an image whose shorter side is ``size`` (the store's validation crop)."""
+    height, width = image.shape[:2]
+    start = round(CENTRE * (max(height, width) - size))
+    return image[start : start + size] if height > width else image[:, start : start + size]
+
+
+class ImageClassifier:
+    """A checkpoint's model in eval mode on the CPU, with the preprocessing it was trained with."""
+
+    def __init__(self, checkpoint: Path, presize_size: int):
+        state = load_checkpoint(Path(checkpoint))
+        meta = state["meta"]
+        self.classes: list[str] = list(meta["classes"])
+        self.size: int = int(meta["size"])
+        self.presize_size = int(presize_size)
+        self.model = build_model(meta["arch"], len(self.classes), weights="none")
+        self.model.load_state_dict(state["model"])
+        self.model.eval()
+
+    def pixels(self, image: Any) -> np.ndarray:
+        source = io.BytesIO(image) if isinstance(image, bytes | bytearray) else Path(str(image))
+        try:
+            return centre_square(decode_presized(source, self.presize_size), self.presize_size)
+        except Exception as err:
+            raise PetpipeError(f"image {str(image)[:80]!r} cannot be decoded ({type(err).__name__}: {err}); give a file path or the file's bytes") from None
+
+    @torch.inference_mode()
+    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
+        if IMAGE_COLUMN not in frame.columns:
+            raise PetpipeError(f"the input needs a column {IMAGE_COLUMN!r} of image paths or bytes; got columns {list(frame.columns)}")
+        labels, probabilities = [], []
+        images = list(frame[IMAGE_COLUMN])
+        for start in range(0, len(images), BATCH):
+            squares = np.stack([self.pixels(image) for image in images[start : start + BATCH]])
+            batch = torch.from_numpy(squares).permute(0, 3, 1, 2).contiguous()
+            best = torch.softmax(self.model(valid_batch(batch, size=self.size)).float(), dim=1).max(dim=1)
+            labels += [self.classes[int(i)] for i in best.indices]
+            probabilities += best.values.tolist()
+        return pd.DataFrame({"label": labels, "probability": probabilities})
+
+
+def load_classifier(checkpoint: Path, presize_size: int) -> ImageClassifier:
+    return ImageClassifier(checkpoint, presize_size)
