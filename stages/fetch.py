@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from petpipe.config import Config, select
+from petpipe.config import Config, flatten, select
 from petpipe.stage import stage_main
 
 PARAMS = ("data.url", "data.sha256", "data.md5", "data.size", "data.max_members", "data.max_unpacked_bytes")
@@ -15,7 +15,7 @@ def run(cfg: Config, *, dataset: Path) -> dict:
     from petpipe.fetch import fetch
     from petpipe.tracking import repo_root, stage_run
 
-    with stage_run("fetch", select(cfg, PARAMS)) as mlflow_run:
+    with stage_run("fetch", select(cfg, PARAMS), resolved=flatten(cfg), dataset=dataset, outputs={"dataset": dataset}) as mlflow_run:
         result = fetch(
             cfg.data.url, dest=dataset, root=Path.cwd(), sha256=cfg.data.sha256, md5=cfg.data.md5, size=cfg.data.size,
             max_members=cfg.data.max_members, max_unpacked_bytes=cfg.data.max_unpacked_bytes,

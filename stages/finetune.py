@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from petpipe.config import Config, select
+from petpipe.config import Config, flatten, select
 from petpipe.stage import TRAINING_DATA, stage_main
 
 PARAMS = (
-    "seed", "device", "precision", "train.size", "train.batch_size", "train.augment", "train.weight_decay",
-    "finetune.epochs", "finetune.pct_start",
+    "seed", "device", "precision", "distributed.nproc_per_node", "distributed.nnodes", "distributed.backend", "train.size", "train.batch_size",
+    "train.augment", "train.weight_decay", "finetune.epochs", "finetune.pct_start",
 )  # fmt: skip
 
 
@@ -22,9 +22,11 @@ def run(
     from petpipe.model import layer_groups, unfreeze
     from petpipe.schedule import discriminative_lrs
     from petpipe.resume import resume_point
+    from petpipe.tracking import preflight
     from petpipe.training import augment_params, fit_and_record, prepare, restore
 
-    runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)
+    preflight()  # the tracking server answers, or one line and no work
+    runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend)
     lo, hi = read_chosen_lr(chosen_lr)
     model, meta = restore(checkpoint)
     unfreeze(model)
@@ -37,7 +39,20 @@ def run(
         epochs=cfg.finetune.epochs, lr_max=discriminative_lrs(lo, hi, len(layer_groups(model))), pct_start=cfg.finetune.pct_start,
         weight_decay=cfg.train.weight_decay, checkpoint=final, metrics=metrics, plot=plot, extra_metrics={"max_lr_lo": lo, "max_lr_hi": hi},
         resume=resume_point("finetune", select(cfg, PARAMS), inputs=[presized, checkpoint, chosen_lr]),
+        tracking=dict(resolved=flatten(cfg), inputs={"presized": presized, "checkpoint": checkpoint, "chosen_lr": chosen_lr}, dataset=presized,
+                      outputs={"final": final, "metrics": metrics, "plot": plot}, system_metrics=True),
+        on_recorded=lambda run, result: log_final_model(run, result, final=final, presized=presized),
     )  # fmt: skip
+
+
+def log_final_model(run, result: dict, *, final: Path, presized: Path) -> None:
+    """The execution's headline numbers on its parent run, and the final model, once (a pyfunc taking raw images)."""
+    from petpipe.presize import PresizedStore
+    from petpipe.serving import example_input
+
+    run.log_summary({k: result[k] for k in ("accuracy", "error_rate", "valid_loss", "top5_accuracy") if k in result})
+    store = PresizedStore(presized)
+    run.log_image_classifier(final, presize_size=store.size, example=example_input(presized), classes=store.classes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         *TRAINING_DATA, ("checkpoint", "stage-1 checkpoint to read"), ("chosen_lr", "LRs chosen by the choose_lr stage"),
         ("final", "final model checkpoint to write"), ("metrics", "final-epoch metrics JSON"), ("plot", "per-epoch metrics CSV"),
     ]  # fmt: skip
-    return stage_main(run, arguments, description=__doc__, argv=argv)
+    return stage_main(run, arguments, description=__doc__, argv=argv, launcher=launch)
+
+
+def launch(cfg: Config, argv: list[str]) -> int | None:
+    """More than one process: run this script under torchrun instead (None: run it here)."""
+    from petpipe.distributed import relaunch_under_torchrun
+
+    return relaunch_under_torchrun(__file__, argv, nproc_per_node=cfg.distributed.nproc_per_node, nnodes=cfg.distributed.nnodes)
 
 
 if __name__ == "__main__":

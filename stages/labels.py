@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from petpipe.config import Config, select
+from petpipe.config import Config, flatten, select
 from petpipe.stage import stage_main
 
 PARAMS = (
@@ -19,7 +19,10 @@ def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str
     from petpipe.labels import make_table, write_table
     from petpipe.tracking import stage_run
 
-    with stage_run("labels", select(cfg, PARAMS)) as mlflow_run:
+    with stage_run(
+        "labels", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"dataset": dataset}, dataset=dataset,
+        outputs={"labels": out_dir, "metrics": metrics},
+    ) as mlflow_run:  # fmt: skip
         table = make_table(
             dataset, rule=cfg.labels.rule, images_dir=cfg.labels.images_dir, pattern=cfg.labels.pattern, match_on=cfg.labels.regex_on,
             csv_name=cfg.labels.csv, function=cfg.labels.function, split=cfg.labels.split, valid_pct=cfg.labels.valid_pct,

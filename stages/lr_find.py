@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from petpipe.config import Config, select
+from petpipe.config import Config, flatten, select
 from petpipe.stage import TRAINING_DATA, stage_main
 
 PARAMS = (
@@ -21,9 +21,10 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Pa
     from petpipe.lr_find import lr_range_test, suggest
     from petpipe.model import unfreeze
     from petpipe.figures import lr_find_figure
-    from petpipe.tracking import stage_run
+    from petpipe.tracking import preflight, stage_run
     from petpipe.training import augment_params, prepare, restore
 
+    preflight()  # the tracking server answers, or one line and no work
     runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)
     model, _ = restore(checkpoint)
     unfreeze(model)
@@ -31,7 +32,10 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Pa
         presized, runtime, size=cfg.train.size, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
         augment=augment_params(cfg.train.augment), generator=generator,
     )  # fmt: skip
-    with stage_run("lr_find", select(cfg, PARAMS)) as mlflow_run:
+    with stage_run(
+        "lr_find", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"presized": presized, "checkpoint": checkpoint}, dataset=presized,
+        outputs={"result": result, "plot": plot, "figure": figure}, system_metrics=True,
+    ) as mlflow_run:  # fmt: skip
         mlflow_run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
         num_it = cfg.lr_find.num_it
         curve = lr_range_test(
@@ -43,8 +47,7 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Pa
         write_json(result, summary)
         write_rows(plot, [{"lr": lr, "loss": loss} for lr, loss in zip(curve["lr"], curve["loss"])])
         write_bytes(figure, lr_find_figure(curve["lr"], curve["loss"], suggestions))
-        for i, (lr, loss) in enumerate(zip(curve["lr"], curve["loss"])):
-            mlflow_run.log_metrics({"lr_find_loss": loss, "lr_find_lr": lr}, step=i)
+        mlflow_run.log_series({"lr_find_loss": curve["loss"], "lr_find_lr": curve["lr"]})  # batched: one request per 1,000 points
         mlflow_run.log_metrics(summary)
         mlflow_run.log_artifact(figure, "lr_find")
     print(f"lr_find: {len(curve['lr'])} iterations; suggestions {suggestions}")

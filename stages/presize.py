@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from petpipe.config import Config, select
+from petpipe.config import Config, flatten, select
 from petpipe.stage import stage_main
 
 PARAMS = ("presize.size",)
@@ -20,11 +20,14 @@ def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_
     from petpipe.presize import default_workers, write_store
     from petpipe.tracking import stage_run
 
-    table = read_table(table_csv, classes_json)
-    index = {name: i for i, name in enumerate(table.classes)}
-    items = [(item.path, index[item.label], item.split) for item in table.items]
-    workers = default_workers()
-    with stage_run("presize", select(cfg, PARAMS)) as mlflow_run:
+    with stage_run(
+        "presize", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"dataset": dataset, "labels": table_csv.parent}, dataset=dataset,
+        outputs={"presized": out_dir, "metrics": metrics},
+    ) as mlflow_run:  # fmt: skip
+        table = read_table(table_csv, classes_json)
+        index = {name: i for i, name in enumerate(table.classes)}
+        items = [(item.path, index[item.label], item.split) for item in table.items]
+        workers = default_workers()
         result = write_store(dataset, items, out_dir, size=cfg.presize.size, workers=workers, classes=table.classes)
         counts = {"n_images": result.n_images, "n_skipped": result.n_skipped, "bytes": result.bytes}
         write_json(metrics, counts)

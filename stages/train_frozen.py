@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from petpipe.config import Config, select
+from petpipe.config import Config, flatten, select
 from petpipe.stage import TRAINING_DATA, stage_main
 
 PARAMS = (
-    "seed", "device", "precision", "train.arch", "train.weights", "train.size", "train.batch_size", "train.augment",
-    "train.weight_decay", "train_frozen.epochs", "train_frozen.lr", "train_frozen.pct_start",
+    "seed", "device", "precision", "distributed.nproc_per_node", "distributed.nnodes", "distributed.backend", "train.arch", "train.weights",
+    "train.size", "train.batch_size", "train.augment", "train.weight_decay", "train_frozen.epochs", "train_frozen.lr", "train_frozen.pct_start",
 )  # fmt: skip
 
 
@@ -18,9 +18,11 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: P
     from petpipe.data import make_loaders
     from petpipe.model import build_model, freeze_body, layer_groups
     from petpipe.resume import resume_point
+    from petpipe.tracking import preflight
     from petpipe.training import augment_params, fit_and_record, prepare
 
-    runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)
+    preflight()  # the tracking server answers, or one line and no work
+    runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend)
     train_loader, valid_loader = make_loaders(
         presized, runtime, size=cfg.train.size, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
         augment=augment_params(cfg.train.augment), generator=generator,
@@ -33,12 +35,21 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: P
         train_loader=train_loader, valid_loader=valid_loader, epochs=cfg.train_frozen.epochs, lr_max=[cfg.train_frozen.lr] * len(layer_groups(model)),
         pct_start=cfg.train_frozen.pct_start, weight_decay=cfg.train.weight_decay, checkpoint=checkpoint, metrics=metrics, plot=plot,
         resume=resume_point("train_frozen", select(cfg, PARAMS), inputs=[presized]),
+        tracking=dict(resolved=flatten(cfg), inputs={"presized": presized}, dataset=presized, outputs={"checkpoint": checkpoint, "metrics": metrics, "plot": plot},
+                      system_metrics=True),
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = [*TRAINING_DATA, ("checkpoint", "stage-1 checkpoint to write"), ("metrics", "final-epoch metrics JSON"), ("plot", "per-epoch metrics CSV")]
-    return stage_main(run, arguments, description=__doc__, argv=argv)
+    return stage_main(run, arguments, description=__doc__, argv=argv, launcher=launch)
+
+
+def launch(cfg: Config, argv: list[str]) -> int | None:
+    """More than one process: run this script under torchrun instead (None: run it here)."""
+    from petpipe.distributed import relaunch_under_torchrun
+
+    return relaunch_under_torchrun(__file__, argv, nproc_per_node=cfg.distributed.nproc_per_node, nnodes=cfg.distributed.nnodes)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,14 @@ class FinetuneConfig(Section):
         return (lo, hi)
 
 
+class DistributedConfig(Section):
+    """Data-parallel training (train_frozen, finetune) over several processes, launched through torchrun."""
+
+    nproc_per_node: int = Field(ge=1, description="training processes per machine (one per GPU); more than 1 relaunches the stage through `torchrun`")
+    nnodes: int = Field(ge=1, description="machines; more than 1 needs `PETPIPE_RDZV_ENDPOINT=host:port` (torchrun's rendezvous) on each")
+    backend: Literal["auto", "nccl", "gloo"] = Field(description="`auto`: nccl on CUDA, gloo on the CPU")
+
+
 class ReportConfig(Section):
     top_losses: int = Field(ge=1, description="images in the top-losses grid")
     most_confused_min: int = Field(ge=1, description="smallest count listed among the most-confused pairs")
@@ -225,6 +233,7 @@ class Config(Section):
     train_frozen: TrainFrozenConfig
     lr_find: LrFindConfig
     finetune: FinetuneConfig
+    distributed: DistributedConfig
     report: ReportConfig
 
 

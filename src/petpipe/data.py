@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from petpipe import distributed
 from petpipe.augment import AugmentParams, train_batch, valid_batch
 from petpipe.device import Runtime
 from petpipe.errors import PetpipeError
@@ -45,13 +46,19 @@ class SquareCrops(Dataset):
 
 
 class CropSampler(Sampler):
-    """Yields ``(item, crop position)``: a seeded shuffle with random positions (train), or in order at the centre (valid)."""
+    """Yields ``(item, crop position)``: a seeded shuffle with random positions (train), or in order at the centre (valid).
 
-    def __init__(self, n: int, generator: torch.Generator | None):
-        self.n, self.generator = n, generator
+    With several processes (``world > 1``) every process draws the same shuffle and takes every
+    ``world``-th item from ``rank`` on (as DistributedSampler does; the few items left over by an
+    uneven split are skipped that epoch). The shared generator advances every epoch, which is what
+    DistributedSampler's ``set_epoch`` achieves.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator | None, rank: int = 0, world: int = 1):
+        self.n, self.generator, self.rank, self.world = n, generator, rank, world
 
     def __len__(self) -> int:
-        return self.n
+        return self.n if self.generator is None else self.n // self.world
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
         if self.generator is None:
@@ -59,7 +66,8 @@ class CropSampler(Sampler):
             return
         order = torch.randperm(self.n, generator=self.generator).tolist()
         positions = torch.rand(self.n, generator=self.generator, dtype=torch.float64).tolist()
-        yield from zip(order, positions)
+        mine = slice(self.rank, len(self) * self.world, self.world)
+        yield from zip(order[mine], positions[mine])
 
 
 class DeviceLoader:
@@ -112,15 +120,20 @@ def make_loader(
     batch dropped), else a validation loader (in store order, centre crops)."""
     dataset = SquareCrops(store, split)
     train = generator is not None
+    # Training is sharded over torchrun processes (each takes its share of the global batch);
+    # every process validates on the whole set, so the metrics need no gathering.
+    rank, world = (distributed.rank(), distributed.world_size()) if train else (0, 1)
+    if train:
+        batch_size = distributed.shard_batch_size(batch_size)
     if store.size < size:
         raise PetpipeError(f"train.size {size} is larger than presize.size {store.size}: raise presize.size (and re-run presize) or lower train.size")
     workers = resolve_workers(num_workers, runtime.device)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=CropSampler(len(dataset), generator),
+        sampler=CropSampler(len(dataset), generator, rank, world),
         # A last batch of one image breaks BatchNorm in training mode; fastai drops it too.
-        drop_last=train and len(dataset) > batch_size,
+        drop_last=train and len(dataset) // world > batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
@@ -128,7 +141,7 @@ def make_loader(
     )
     # Augmentation draws from its own stream, so the crop positions and shuffle order stay the same
     # whether or not augmentation is on.
-    augment_generator = torch.Generator().manual_seed(generator.initial_seed() + 1) if train else None
+    augment_generator = torch.Generator().manual_seed(generator.initial_seed() + 1 + rank) if train else None
     return DeviceLoader(loader, runtime, size=size, augment=augment, generator=augment_generator)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from petpipe.distributed import local_rank, world_size
 from petpipe.errors import PetpipeError
 
 
@@ -73,6 +74,9 @@ def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
 
 def make_runtime(device: str, precision: str) -> Runtime:
     chosen = pick_device(device)
+    if chosen.type == "cuda" and world_size() > 1:
+        chosen = torch.device("cuda", local_rank())  # one GPU per torchrun process
+        torch.cuda.set_device(chosen)
     if chosen.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
     return Runtime(chosen, pick_precision(precision, chosen))

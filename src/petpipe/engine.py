@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from petpipe.device import Runtime
+from petpipe.distributed import mean_over_ranks, world_size
 from petpipe.errors import PetpipeError
 from petpipe.files import atomic_open
 from petpipe.model import NORM_TYPES, layer_groups
@@ -152,10 +154,13 @@ def fit_one_cycle(
         for row in history:  # the epochs done before the interruption, reported again for the new run's records
             if on_epoch_end:
                 on_epoch_end(row)
+    # Several torchrun processes: gradients are averaged across them by DistributedDataParallel.
+    net = model if world_size() == 1 else DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     for epoch in range(len(history), epochs):
         started = time.perf_counter()
-        train_loss, images = train_one_epoch(model, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}")
+        train_loss, images = train_one_epoch(net, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}")
         train_seconds = time.perf_counter() - started  # each step syncs on its loss: the work is done
+        train_loss, images = mean_over_ranks(train_loss, runtime.device), images * world_size()
         row = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(model, valid_loader, runtime)}
         # Throughput: the whole epoch (training pass and validation), and training images per second.
         row |= {"epoch_seconds": time.perf_counter() - started, "train_images_per_s": images / train_seconds}

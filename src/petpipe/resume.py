@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from petpipe.distributed import rank, world_size
 from petpipe.files import atomic_open
 
 RESUME_DIR = Path(".dvc") / "tmp" / "resume"
@@ -49,7 +50,8 @@ def file_digest(path: Path) -> str:
 def resume_point(stage: str, params: dict[str, Any], inputs: Sequence[Path], root: Path = Path(".")) -> ResumePoint:
     """The resume file of ``stage``; its key is the stage's params and the digests of its inputs."""
     key = {"params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}, "inputs": {str(p): file_digest(p) for p in inputs}}
-    return ResumePoint(root / RESUME_DIR / f"{stage}.pt", key)
+    process = f".rank{rank()}" if world_size() > 1 else ""  # each torchrun process keeps its own random streams
+    return ResumePoint(root / RESUME_DIR / f"{stage}{process}.pt", key)
 
 
 def rng_states(generators: Sequence[torch.Generator]) -> dict[str, Any]:

@@ -71,3 +71,15 @@ class ImageClassifier:
 
 def load_classifier(checkpoint: Path, presize_size: int) -> ImageClassifier:
     return ImageClassifier(checkpoint, presize_size)
+
+
+def example_input(presized: Path) -> pd.DataFrame:
+    """An input example for the logged model: one validation image of the store, as PNG bytes."""
+    from PIL import Image
+
+    from petpipe.presize import PresizedStore
+
+    store = PresizedStore(presized)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(store.image(int(store.indices("valid")[0])))).save(buffer, format="PNG")
+    return pd.DataFrame({IMAGE_COLUMN: [buffer.getvalue()]})

@@ -22,12 +22,14 @@ TRAINING_DATA = [("presized", "presized image store (presize stage)")]
 
 
 def stage_main(
-    run: Callable[..., Any], arguments: list[tuple[str, str]], description: str, multiple: tuple[str, ...] = (), argv: list[str] | None = None
+    run: Callable[..., Any], arguments: list[tuple[str, str]], description: str, multiple: tuple[str, ...] = (), argv: list[str] | None = None,
+    launcher: Callable[[Any, list[str]], int | None] | None = None,
 ) -> int:  # fmt: skip
     """``--params`` plus the named path arguments, then ``run(cfg, **paths)``.
 
     Arguments named in ``multiple`` take one or more paths. Known user errors print one clear
-    line and return 2, without a traceback.
+    line and return 2, without a traceback. ``launcher(cfg, argv)`` may run the stage elsewhere
+    instead (several torchrun processes) and return their exit code; None runs it here.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
@@ -38,6 +40,9 @@ def stage_main(
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the stage like Ctrl-C: cleanly
     try:
         cfg = load_config(args.params)
+        launched = launcher(cfg, list(sys.argv[1:] if argv is None else argv)) if launcher else None
+        if launched is not None:
+            return launched
         run(cfg, **{name: getattr(args, name) for name, _ in arguments})
     except PetpipeError as err:
         print(f"error: {err}", file=sys.stderr)

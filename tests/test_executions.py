@@ -1,0 +1,230 @@
+"""MLflow answers "which pipeline execution was better": the stage mains run in-process on tiny data,
+twice with different params, against a real `mlflow server`; then parent/child runs, lineage, the
+servable model in a fresh process, fail-fast on an unreachable server and an outage mid-stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from conftest import BIN, ROOT, copy_store, free_port, make_tarball, write_folder_dataset
+from mlflow.tracking import MlflowClient
+from test_stage_spec import load_stage
+
+from petpipe.lineage import dvc_digest
+
+pytestmark = pytest.mark.slow
+
+PATHS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][0]["paths"]
+ARGS = {  # the stage commands of dvc.yaml, without report (another module's concern)
+    "fetch": {"dataset": "dataset"},
+    "labels": {"dataset": "dataset", "out-dir": "labels", "metrics": "labels_metrics"},
+    "presize": {"dataset": "dataset", "table-csv": "labels/table.csv", "classes-json": "labels/classes.json", "out-dir": "presized", "metrics": "presize_metrics"},
+    "train_frozen": {"presized": "presized", "checkpoint": "stage1", "metrics": "train_frozen_metrics", "plot": "train_frozen_curve"},
+    "lr_find": {"presized": "presized", "checkpoint": "stage1", "result": "lr_find_result", "plot": "lr_find_curve", "figure": "lr_find_figure"},
+    "choose_lr": {"lr-find-result": "lr_find_result", "chosen": "chosen_lr"},
+    "finetune": {"presized": "presized", "checkpoint": "stage1", "chosen-lr": "chosen_lr", "final": "final", "metrics": "finetune_metrics", "plot": "finetune_curve"},
+}  # fmt: skip
+TRACKED = ["fetch", "labels", "presize", "train_frozen", "lr_find", "finetune"]
+
+
+def path_of(ref: str) -> str:
+    name, _, rest = ref.partition("/")
+    return PATHS[name] + (f"/{rest}" if rest else "")
+
+
+def run_stage(stage: str, params: Path) -> int:
+    argv = ["--params", str(params)] + [a for flag, ref in ARGS[stage].items() for a in (f"--{flag}", path_of(ref))]
+    return load_stage(stage).main(argv)
+
+
+def write_lock(stages: list[str]) -> None:
+    """What DVC would hold in dvc.lock after running ``stages`` (their outputs' digests)."""
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    lock = {"schema": "2.0", "stages": {}}
+    for stage in stages:
+        outs = [next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics") for o in pipeline[stage].get(key, [])]
+        outs = [o.replace("${paths.", "").rstrip("}") for o in outs]
+        lock["stages"][stage] = {"outs": [{"path": PATHS[o], "md5": dvc_digest(Path(PATHS[o]))} for o in outs if Path(PATHS[o]).exists()]}
+    Path("dvc.lock").write_text(yaml.safe_dump(lock))
+
+
+@pytest.fixture(scope="module")
+def executions(tmp_path_factory, mlflow_server):
+    """Two executions: the whole pipeline, then (as DVC would) only the stages a train_frozen.lr change re-runs."""
+    work = tmp_path_factory.mktemp("executions")
+    archive = make_tarball(write_folder_dataset(work / "src", per_class=8, valid_per_class=3), work / "tiny.tgz", top="tiny")
+    params = yaml.safe_load((ROOT / "profiles/digits.yaml").read_text())
+    params.update(device="cpu")
+    params["data"].update(url=archive.as_uri(), sha256=hashlib.sha256(archive.read_bytes()).hexdigest(), size=None)
+    params["presize"]["size"] = 24
+    params["train"].update(size=16, batch_size=12, num_workers=0)
+    params["train_frozen"]["epochs"] = 1
+    params["lr_find"].update(start_lr=1e-5, end_lr=10.0, num_it=20)
+    params["finetune"].update(epochs=1)
+    experiment = f"executions-{time.time_ns()}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        patch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+        for name in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+            patch.delenv(name, raising=False)
+        first = work / "first.yaml"
+        first.write_text(yaml.safe_dump(params))
+        patch.setenv("PETPIPE_EXECUTION", "first")
+        for stage in ARGS:
+            assert run_stage(stage, first) == 0, stage
+        write_lock(TRACKED)
+        stage1_digest = dvc_digest(Path(PATHS["stage1"]))
+        params["train_frozen"]["lr"] = 0.02
+        second = work / "second.yaml"
+        second.write_text(yaml.safe_dump(params))
+        patch.setenv("PETPIPE_EXECUTION", "second")
+        for stage in ("train_frozen", "lr_find", "choose_lr", "finetune"):
+            assert run_stage(stage, second) == 0, stage
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(mlflow_server)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    yield {"client": client, "experiment_id": experiment_id, "work": work, "stage1_first": stage1_digest}
+
+
+def runs(ex, filter_string: str):
+    return ex["client"].search_runs([ex["experiment_id"]], filter_string=filter_string, max_results=100)
+
+
+def test_one_parent_per_execution_with_its_stages_as_children(executions):
+    parents = {r.data.tags["petpipe.execution"]: r for r in runs(executions, "tags.`petpipe.kind` = 'pipeline'")}
+    assert set(parents) == {"first", "second"}
+    children = {key: sorted(r.info.run_name for r in runs(executions, f"tags.`mlflow.parentRunId` = '{p.info.run_id}'")) for key, p in parents.items()}
+    assert children == {"first": sorted(TRACKED), "second": ["finetune", "lr_find", "train_frozen"]}
+    first, second = parents["first"].data, parents["second"].data
+    assert first.params["train_frozen.lr"] == "0.01" and second.params["train_frozen.lr"] == "0.02"
+    assert {"seed", "data.url", "labels.rule", "presize.size", "finetune.epochs", "report.top_losses"} <= set(first.params)
+    assert {"accuracy", "error_rate", "valid_loss", "train_frozen_seconds", "finetune_seconds"} <= set(second.metrics)
+    # A stage this execution skipped is linked to the run that produced its current outputs.
+    first_runs = {r.info.run_name: r.info.run_id for r in runs(executions, f"tags.`mlflow.parentRunId` = '{parents['first'].info.run_id}'")}
+    assert second.tags["petpipe.run.fetch"] == first_runs["fetch"] and second.tags["petpipe.run.presize"] == first_runs["presize"]
+    assert second.tags["petpipe.run.finetune"] != first_runs["finetune"]
+
+
+def test_stage_runs_carry_lineage_params_inputs_and_metric_histories(executions):
+    client = executions["client"]
+    finetune = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'finetune'")[0]
+    params = finetune.data.params
+    assert params["labels.rule"] == "folder" and params["train_frozen.lr"] == "0.02" and params["finetune.epochs"] == "1" and "data.url" in params
+    assert "report.top_losses" not in params  # downstream of finetune
+    tags = finetune.data.tags
+    assert tags["petpipe.input.data/presized"].endswith(".dir") and tags["petpipe.output.models/final.pt"] == dvc_digest(executions["work"] / "models/final.pt")
+    train_frozen = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'train_frozen'")[0]
+    assert tags["petpipe.upstream.models/stage1.pt"] == train_frozen.info.run_id
+    assert "version.torch" in tags and [d.dataset.name for d in finetune.inputs.dataset_inputs] == ["presized"]
+    assert [m.step for m in client.get_metric_history(train_frozen.info.run_id, "valid_loss")] == [1]
+    assert any(k.startswith("system/") for k in train_frozen.data.metrics)
+    lr_find = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'lr_find'")[0]
+    assert len(client.get_metric_history(lr_find.info.run_id, "lr_find_loss")) == lr_find.data.metrics["iterations"]
+    for run in runs(executions, "tags.`petpipe.stage` != ''"):  # raw checkpoints stay in DVC
+        assert not [a.path for a in client.list_artifacts(run.info.run_id, "model") if a.path.endswith(".pt")]
+
+
+def test_the_final_model_predicts_raw_images_in_a_fresh_process(executions, mlflow_server):
+    finetune = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'finetune'")[0]
+    models = mlflow.search_logged_models(
+        experiment_ids=[executions["experiment_id"]], filter_string=f"source_run_id = '{finetune.info.run_id}'", output_format="list"
+    )
+    assert len(models) == 1
+    image = next((executions["work"] / "dataset/valid/red").glob("*.png"))
+    code = (
+        "import sys, mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model('models:/{models[0].model_id}')\n"
+        f"path = {str(image)!r}\n"
+        "out = model.predict(pd.DataFrame({'image': [path, open(path, 'rb').read()]}))\n"
+        "print(out.to_json(orient='records'))\n"
+    )
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(executions["work"])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=executions["work"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    from petpipe.serving import ImageClassifier  # the same checkpoint, here: the same answer
+
+    import pandas as pd
+
+    expected = ImageClassifier(executions["work"] / "models/final.pt", presize_size=24)(pd.DataFrame({"image": [str(image)]}))
+    assert [r["label"] for r in rows] == [expected["label"][0]] * 2 and 0 < rows[0]["probability"] <= 1
+
+
+def test_an_unreachable_server_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    (tmp_path / "p.yaml").write_text((ROOT / "profiles/digits.yaml").read_text())
+    started = time.monotonic()
+    assert load_stage("fetch").main(["--params", "p.yaml", "--dataset", "dataset"]) == 2
+    elapsed = time.monotonic() - started
+    err = capsys.readouterr().err.strip()
+    assert elapsed < 20 and len(err.splitlines()) == 1, (elapsed, err)
+    assert uri in err and "unset MLFLOW_TRACKING_URI" in err and not (tmp_path / "dataset").exists()
+
+
+def start_server(home: Path, template: Path) -> tuple[subprocess.Popen, str]:
+    copy_store(template, home / "mlflow.db")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=home,
+    )  # fmt: skip
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journal(tmp_path, monkeypatch, capsys, mlflow_template, presized_store):
+    import torch
+
+    import petpipe.training as training
+
+    proc, url = start_server(tmp_path / "server", mlflow_template)
+    real_fit = training.fit_one_cycle
+
+    def fit_after_the_server_dies(*args, **kwargs):
+        proc.terminate()
+        proc.wait(timeout=30)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit_one_cycle", fit_after_the_server_dies)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("PETPIPE_EXECUTION", "outage")
+    params = yaml.safe_load((ROOT / "profiles/digits.yaml").read_text())
+    params.update(device="cpu")
+    params["train"].update(size=16, batch_size=12, num_workers=0)
+    params["train_frozen"]["epochs"] = 1
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    argv = ["--params", "p.yaml", "--presized", str(presized_store), "--checkpoint", "stage1.pt", "--metrics", "m.json", "--plot", "c.csv"]
+    try:
+        assert load_stage("train_frozen").main(argv) == 0
+    finally:
+        proc.kill()
+        mlflow.set_tracking_uri(None)
+    assert set(torch.load(tmp_path / "stage1.pt", weights_only=True)) == {"model", "meta"}
+    assert "accuracy" in json.loads((tmp_path / "m.json").read_text()) and (tmp_path / "c.csv").read_text().startswith("epoch,")
+    err = capsys.readouterr().err
+    pending = list((tmp_path / ".petpipe/pending").glob("train_frozen-*.json"))
+    assert len(pending) == 1 and f"python -m petpipe.tracking replay {pending[0]}" in err
+    calls = [name for name, _ in json.loads(pending[0].read_text())["calls"]]
+    assert "log_metrics" in calls and "log_artifact" in calls
