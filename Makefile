@@ -7,13 +7,14 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PROFILE ?=
 
-.PHONY: help venv repro test test-fast clean-venv
+.PHONY: help venv repro test test-fast clean-venv ui
 
 help:
 	@echo "make repro                  set up $(VENV) if needed, then run the pipeline (dvc repro)"
 	@echo "make repro PROFILE=pets     copy profiles/pets.yaml to params.yaml first, then run"
 	@echo "make test                   set up $(VENV) if needed, then run the test suite"
 	@echo "make test-fast              the same without the slow tests (end-to-end pipeline, MLflow server)"
+	@echo "make ui                     the MLflow UI on 127.0.0.1:$(UI_PORT) against mlflow.db; prints the runs table's address"
 
 venv: $(BIN)/.installed
 
@@ -40,6 +41,15 @@ test: venv
 
 test-fast: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The MLflow UI against the default store; the address printed opens the experiment's runs table
+# (one row per pipeline execution), not MLflow 3's GenAI overview.
+UI_PORT ?= 5000
+ui: venv
+	@$(BIN)/python -c "import sqlite3, sys; \
+	  row = sqlite3.connect('mlflow.db').execute(\"SELECT experiment_id FROM experiments WHERE name = 'petpipe'\").fetchone() if __import__('os').path.exists('mlflow.db') else None; \
+	  print(f'MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments/{row[0]}/runs' if row else 'no runs yet (make repro first); MLflow UI: http://127.0.0.1:$(UI_PORT)')"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 
 clean-venv:
 	rm -rf $(VENV)

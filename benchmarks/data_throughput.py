@@ -65,7 +65,7 @@ DIGITS_ARCHIVE = Path(__file__).resolve().parents[1] / "assets" / "digits.tgz"
 PETS_PATTERN = r"^(.+)_\d+\.jpg$"  # the lesson-1 labelling rule: breed = file name before _<n>.jpg
 VALID_PCT = 0.2
 PETS_VERSION = 1  # bump when the generator changes, so a kept --workdir is regenerated
-# Made-up-but-plausible breed names in the Oxford-IIIT Pet style: cats capitalised, dogs lower case.
+# 37 breed names in the Oxford-IIIT Pet style (cats capitalised, dogs lower case), not the dataset's own list.
 BREEDS = (
     "Abyssinian", "Balinese", "Bengal", "Burmese", "Chartreux", "Cornish_Rex", "Egyptian_Mau", "Havana_Brown", "Korat",
     "Manx", "Nebelung", "Ocicat", "Somali", "Tonkinese", "american_bulldog", "australian_shepherd", "basset_hound",
@@ -98,7 +98,7 @@ class Preset:
 
 
 PRESETS = {
-    # Small enough for about 5 minutes on 2 cores; resnet34/64px is the lesson's model at a CPU size.
+    # Few images and epochs (3 min on 2 shared cores with --threads 1, RESULTS.md); resnet34 at 64 px is the lesson's model at a CPU size.
     "cpu": Preset(
         settings=(
             Setting("pets-like", "resnet34", 64, 32, 128),
@@ -289,7 +289,8 @@ def measure(
     train, valid = make_loaders(store_dir, runtime, generator=seed_everything(seed), **common)
     model = build_model(setting.arch, n_classes)
     timed = TimedBatches(train)
-    history = fit_one_cycle(model, timed, valid, epochs=epochs, lr_max=[lr] * 3, pct_start=0.25, weight_decay=0.01, runtime=runtime,
+    lr_max = [lr] * len(layer_groups(model))  # one LR for every layer group, as fastai's fit_one_cycle(epochs, lr)
+    history = fit_one_cycle(model, timed, valid, epochs=epochs, lr_max=lr_max, pct_start=0.25, weight_decay=0.01, runtime=runtime,
                             on_epoch_end=lambda row: bursts.append(limit.burst(burst_steps)))  # fmt: skip
     started = time.perf_counter()
     logits, _ = predict(model, valid, runtime)
@@ -448,7 +449,8 @@ def print_report(machine: dict[str, object], rows: list[dict[str, object]]) -> N
     print()
     for row in rows:
         ours = row["petpipe"]
-        print(f"{row['setting']}: (a) bursts {fmt_rates(ours['compute_bursts_images_per_s'])}; (b) by epoch {fmt_rates(ours['train_images_per_s_by_epoch'])}; "
+        print(f"{row['setting']}: (a) bursts {fmt_rates(ours['compute_bursts_images_per_s'])}; "
+              f"(b) by epoch {fmt_rates(ours['train_images_per_s_by_epoch'])}; "
               f"b/a by epoch {fmt_rates(ours['ratio_by_epoch'], 2)}; b if batch making and step ran one after the other "
               f"{ours['serial_bound_images_per_s']:.1f}; median step (a) {ours['compute_step_ms_median']:.1f} ms, "
               f"(b) {ours['train_step_ms_median']:.1f} ms")  # fmt: skip

@@ -27,7 +27,7 @@ def test_validation_batches_are_the_centre_squares_in_store_order(presized_store
     loader = make_loader(store, "valid", CPU, size=16, batch_size=5, num_workers=0)
     images, targets = next(iter(loader))
     first = store.indices("valid")[:5]
-    squares = torch.stack([torch.from_numpy(store.square(int(i), CENTRE).copy()).permute(2, 0, 1) for i in first])
+    squares = torch.stack([torch.from_numpy(store.square(int(i), CENTRE).copy()).permute(2, 0, 1) for i in first])  # NCHW
     torch.testing.assert_close(images, valid_batch(squares, size=16))
     assert targets.tolist() == store.labels[first].tolist()
     assert sum(len(y) for _, y in loader) == len(store.indices("valid"))  # nothing dropped in validation
@@ -71,8 +71,11 @@ def test_loader_yields_what_the_dataset_holds(presized_store):
     train, valid = make_loaders(presized_store, CPU, size=16, batch_size=8, num_workers=0, augment=None, generator=torch.Generator().manual_seed(0))
     assert len(train.dataset) == len(store.indices("train")) == 36 and len(valid.dataset) == 12
     item, label = train.dataset[(0, 0.0)]
-    assert item.dtype == torch.uint8 and item.shape == (3, 24, 24) and label == int(store.labels[store.indices("train")[0]])
-    assert np.array_equal(item.permute(1, 2, 0).numpy(), store.square(int(store.indices("train")[0]), 0.0))
+    assert item.dtype == torch.uint8 and item.shape == (24, 24, 3) and label == int(store.labels[store.indices("train")[0]])
+    assert np.array_equal(item.numpy(), store.square(int(store.indices("train")[0]), 0.0))
+    images, labels = train.dataset.__getitems__([(0, 0.0), (1, 1.0)])  # a whole batch in one tensor
+    assert images.shape == (2, 24, 24, 3) and torch.equal(images[0], item) and labels[0] == label
+    assert np.array_equal(images[1].numpy(), store.square(int(store.indices("train")[1]), 1.0))
 
 
 def test_training_size_larger_than_the_store_is_a_clear_error(presized_store):

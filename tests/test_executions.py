@@ -59,7 +59,7 @@ def write_lock(stages: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def executions(tmp_path_factory, mlflow_server):
-    """Two executions: the whole pipeline, then (as DVC would) only the stages a train_frozen.lr change re-runs."""
+    """Two executions: the whole pipeline, then (as DVC would) only the stages a train_frozen.pct_start change re-runs."""
     work = tmp_path_factory.mktemp("executions")
     archive = make_tarball(write_folder_dataset(work / "src", per_class=8, valid_per_class=3), work / "tiny.tgz", top="tiny")
     params = yaml.safe_load((ROOT / "profiles/digits.yaml").read_text())
@@ -68,14 +68,15 @@ def executions(tmp_path_factory, mlflow_server):
     params["presize"]["size"] = 24
     params["train"].update(size=16, batch_size=12, num_workers=0)
     params["train_frozen"]["epochs"] = 1
-    params["lr_find"].update(start_lr=1e-5, end_lr=10.0, num_it=20)
+    params["lr_find"].update(start_lr=1e-5, end_lr=10.0, num_it=30)
     params["finetune"].update(epochs=1)
     experiment = f"executions-{time.time_ns()}"
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         patch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
-        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
         for name in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
             patch.delenv(name, raising=False)
         first = work / "first.yaml"
@@ -85,7 +86,7 @@ def executions(tmp_path_factory, mlflow_server):
             assert run_stage(stage, first) == 0, stage
         write_lock(TRACKED)
         stage1_digest = dvc_digest(Path(PATHS["stage1"]))
-        params["train_frozen"]["lr"] = 0.02
+        params["train_frozen"]["pct_start"] = 0.5
         second = work / "second.yaml"
         second.write_text(yaml.safe_dump(params))
         patch.setenv("PETPIPE_EXECUTION", "second")
@@ -107,7 +108,7 @@ def test_one_parent_per_execution_with_its_stages_as_children(executions):
     children = {key: sorted(r.info.run_name for r in runs(executions, f"tags.`mlflow.parentRunId` = '{p.info.run_id}'")) for key, p in parents.items()}
     assert children == {"first": sorted(TRACKED), "second": ["finetune", "lr_find", "train_frozen"]}
     first, second = parents["first"].data, parents["second"].data
-    assert first.params["train_frozen.lr"] == "0.01" and second.params["train_frozen.lr"] == "0.02"
+    assert first.params["train_frozen.pct_start"] == "0.25" and second.params["train_frozen.pct_start"] == "0.5"
     assert {"seed", "data.url", "labels.rule", "presize.size", "finetune.epochs", "report.top_losses"} <= set(first.params)
     assert {"accuracy", "error_rate", "valid_loss", "train_frozen_seconds", "finetune_seconds"} <= set(second.metrics)
     # A stage this execution skipped is linked to the run that produced its current outputs.
@@ -120,7 +121,7 @@ def test_stage_runs_carry_lineage_params_inputs_and_metric_histories(executions)
     client = executions["client"]
     finetune = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'finetune'")[0]
     params = finetune.data.params
-    assert params["labels.rule"] == "folder" and params["train_frozen.lr"] == "0.02" and params["finetune.epochs"] == "1" and "data.url" in params
+    assert params["labels.rule"] == "folder" and params["train_frozen.pct_start"] == "0.5" and params["finetune.epochs"] == "1" and "data.url" in params
     assert "report.top_losses" not in params  # downstream of finetune
     tags = finetune.data.tags
     assert tags["petpipe.input.data/presized"].endswith(".dir") and tags["petpipe.output.models/final.pt"] == dvc_digest(executions["work"] / "models/final.pt")
@@ -128,23 +129,23 @@ def test_stage_runs_carry_lineage_params_inputs_and_metric_histories(executions)
     assert tags["petpipe.upstream.models/stage1.pt"] == train_frozen.info.run_id
     assert "version.torch" in tags and [d.dataset.name for d in finetune.inputs.dataset_inputs] == ["presized"]
     assert [m.step for m in client.get_metric_history(train_frozen.info.run_id, "valid_loss")] == [1]
-    assert any(k.startswith("system/") for k in train_frozen.data.metrics)
     lr_find = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'lr_find'")[0]
+    assert any(k.startswith("system/") for run in (train_frozen, lr_find, finetune) for k in run.data.metrics)
     assert len(client.get_metric_history(lr_find.info.run_id, "lr_find_loss")) == lr_find.data.metrics["iterations"]
-    for run in runs(executions, "tags.`petpipe.stage` != ''"):  # raw checkpoints stay in DVC
-        assert not [a.path for a in client.list_artifacts(run.info.run_id, "model") if a.path.endswith(".pt")]
+    for run in runs(executions, "tags.`petpipe.stage` != ''"):  # raw checkpoints stay in DVC: no .pt among the run's artifacts
+        top = client.list_artifacts(run.info.run_id)
+        paths = [a.path for a in top] + [b.path for a in top if a.is_dir for b in client.list_artifacts(run.info.run_id, a.path)]
+        assert not [p for p in paths if p.endswith(".pt")], paths
 
 
 def test_the_final_model_predicts_raw_images_in_a_fresh_process(executions, mlflow_server):
     finetune = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'finetune'")[0]
-    models = mlflow.search_logged_models(
-        experiment_ids=[executions["experiment_id"]], filter_string=f"source_run_id = '{finetune.info.run_id}'", output_format="list"
-    )
+    models = [m.model_id for m in finetune.outputs.model_outputs]
     assert len(models) == 1
-    image = next((executions["work"] / "dataset/valid/red").glob("*.png"))
+    image = next((executions["work"] / PATHS["dataset"]).rglob("valid/red/*.png"))
     code = (
         "import sys, mlflow, pandas as pd\n"
-        f"model = mlflow.pyfunc.load_model('models:/{models[0].model_id}')\n"
+        f"model = mlflow.pyfunc.load_model('models:/{models[0]}')\n"
         f"path = {str(image)!r}\n"
         "out = model.predict(pd.DataFrame({'image': [path, open(path, 'rb').read()]}))\n"
         "print(out.to_json(orient='records'))\n"

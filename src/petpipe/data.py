@@ -29,7 +29,12 @@ CENTRE = 0.5  # crop position of validation squares
 
 
 class SquareCrops(Dataset):
-    """Items ``(store position, crop position)`` -> (uint8 [3, S, S] square, class index)."""
+    """Items ``(store position, crop position)`` -> (uint8 [S, S, 3] square, class index).
+
+    Squares stay in the store's HWC layout: the device permutes them for free, where a CHW copy
+    here would cost a strided pass over every image. ``__getitems__`` cuts a whole batch straight
+    into one tensor (one copy per image, no collate step).
+    """
 
     def __init__(self, store: PresizedStore, split: str):
         self.store = store
@@ -41,8 +46,23 @@ class SquareCrops(Dataset):
     def __getitem__(self, key: tuple[int, float]) -> tuple[torch.Tensor, int]:
         i, position = key
         index = int(self.positions[i])
-        square = self.store.square(index, position)
-        return torch.from_numpy(np.ascontiguousarray(square.transpose(2, 0, 1))), int(self.store.labels[index])
+        return torch.from_numpy(np.ascontiguousarray(self.store.square(index, position))), int(self.store.labels[index])
+
+    def __getitems__(self, keys: list[tuple[int, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.store.size
+        images = torch.empty((len(keys), size, size, 3), dtype=torch.uint8)
+        out = images.numpy()
+        labels = torch.empty(len(keys), dtype=torch.int64)
+        for row, (i, position) in enumerate(keys):
+            index = int(self.positions[i])
+            out[row] = self.store.square(index, position)
+            labels[row] = int(self.store.labels[index])
+        return images, labels
+
+
+def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The collate step of ``SquareCrops.__getitems__``: the batch is already one tensor."""
+    return batch
 
 
 class CropSampler(Sampler):
@@ -89,6 +109,8 @@ class DeviceLoader:
         return [g for g in (self.loader.sampler.generator, self.generator) if g is not None]
 
     def transform(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, S, S, 3] squares (on the device) -> normalised float [B, 3, size, size]."""
+        images = images.permute(0, 3, 1, 2)
         if self.generator is None:
             out = valid_batch(images, size=self.size)
         else:
@@ -132,6 +154,7 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         sampler=CropSampler(len(dataset), generator, rank, world),
+        collate_fn=whole_batch,
         # A last batch of one image breaks BatchNorm in training mode; fastai drops it too.
         drop_last=train and len(dataset) // world > batch_size,
         num_workers=workers,

@@ -24,6 +24,9 @@ from petpipe.schedule import OneCycle
 
 ADAM_BETAS = (0.9, 0.99)  # fastai's Adam defaults; beta1 is overwritten by the one-cycle momentum
 ADAM_EPS = 1e-5  # fastai's Adam eps
+# Reading the loss back waits for the GPU; doing it every step leaves the GPU idle while the next
+# batch is fetched. The running loss stays on the device and is checked every this many steps.
+CHECK_EVERY = 50
 
 
 class DivergedError(PetpipeError):
@@ -58,15 +61,15 @@ def per_param_group(optimizer: torch.optim.Optimizer, per_layer_group: list[floa
 
 def train_step(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime
-) -> float:
-    """Forward under autocast, scaled backward, one optimizer step; returns the loss (one sync)."""
+) -> torch.Tensor:
+    """Forward under autocast, scaled backward, one optimizer step; returns the loss (on the device, no sync)."""
     with runtime.autocast():
         loss = nn.functional.cross_entropy(model(images.to(runtime.device, non_blocking=True)), targets.to(runtime.device, non_blocking=True))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.item()
+    return loss.detach()
 
 
 def train_one_epoch(
@@ -80,16 +83,22 @@ def train_one_epoch(
 ) -> tuple[float, int]:
     """One pass over ``loader``; returns the mean training loss and the number of images."""
     model.train()
-    total, count = 0.0, 0
-    for images, targets in tqdm(loader, desc=desc, leave=False, mininterval=1.0):
+    total, count = torch.zeros((), device=runtime.device, dtype=torch.float64), 0
+    for step, (images, targets) in enumerate(tqdm(loader, desc=desc, leave=False, mininterval=1.0), 1):
         schedule.apply()
-        loss = train_step(model, images, targets, optimizer, scaler, runtime)
-        if not math.isfinite(loss):
-            raise DivergedError(f"training loss became {loss} at step {schedule.step_num}: lower the learning rate")
-        schedule.step()
-        total += loss * len(targets)
+        total += train_step(model, images, targets, optimizer, scaler, runtime).double() * len(targets)
         count += len(targets)
-    return total / max(count, 1), count
+        if step % CHECK_EVERY == 0:
+            check_finite(total.item(), schedule.step_num)
+        schedule.step()
+    mean = total.item() / max(count, 1)  # waits for the last step: the epoch's work is done
+    check_finite(mean, schedule.step_num)
+    return mean, count
+
+
+def check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise DivergedError(f"training loss became {loss} by step {step}: lower the learning rate")
 
 
 @torch.no_grad()
@@ -101,7 +110,7 @@ def predict(model: nn.Module, loader: DataLoader, runtime: Runtime, desc: str = 
         with runtime.autocast():
             out = model(images.to(runtime.device, non_blocking=True))
         logits.append(out.float().cpu())
-        targets.append(target)
+        targets.append(target.cpu())
     return torch.cat(logits), torch.cat(targets)
 
 

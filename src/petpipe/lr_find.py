@@ -62,7 +62,7 @@ def _range_test(
         for group in optimizer.param_groups:
             group["lr"] = lr
         lrs.append(lr)
-        if recorder.add(train_step(model, images, targets, optimizer, scaler, runtime)):
+        if recorder.add(train_step(model, images, targets, optimizer, scaler, runtime).item()):
             break
     return {"lr": lrs, "loss": recorder.smooth, "raw_loss": recorder.raw}
 

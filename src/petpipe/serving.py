@@ -8,6 +8,8 @@ and normalised. No MLflow here: ``tracking.ImageClassifierModel`` wraps it as a 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ class ImageClassifier:
         self.model.eval()
 
     def pixels(self, image: Any) -> np.ndarray:
-        source = io.BytesIO(image) if isinstance(image, bytes | bytearray) else Path(str(image))
+        source = io.BytesIO(as_bytes(image)) if not is_path(image) else Path(str(image))
         try:
             return centre_square(decode_presized(source, self.presize_size), self.presize_size)
         except Exception as err:
@@ -67,6 +69,20 @@ class ImageClassifier:
             labels += [self.classes[int(i)] for i in best.indices]
             probabilities += best.values.tolist()
         return pd.DataFrame({"label": labels, "probability": probabilities})
+
+
+def is_path(image: Any) -> bool:
+    return isinstance(image, str | Path) and (len(str(image)) < 4096 and Path(str(image)).is_file())
+
+
+def as_bytes(image: Any) -> bytes:
+    """Encoded image bytes; a string that is not a file is read as base64 (how JSON, e.g. a serving request, carries bytes)."""
+    if isinstance(image, bytes | bytearray):
+        return bytes(image)
+    try:
+        return base64.b64decode(str(image), validate=False)
+    except (binascii.Error, ValueError):
+        raise PetpipeError(f"image {str(image)[:80]!r} is neither an existing file nor base64-encoded bytes") from None
 
 
 def load_classifier(checkpoint: Path, presize_size: int) -> ImageClassifier:

@@ -389,7 +389,8 @@ def log_image_classifier(run_id: str, checkpoint: Path, presize_size: int, examp
 
 def parent_run(client: MlflowClient, experiment_id: str, key: str, resolved: dict[str, Any]) -> str:
     """The parent run of execution ``key``: found by its tag and reopened, or created with every resolved param."""
-    found = client.search_runs([experiment_id], filter_string=f"{_quote('petpipe.execution')} = '{key}'", max_results=1)
+    query = f"{_quote('petpipe.execution')} = '{key}' and {_quote('petpipe.kind')} = 'pipeline'"  # stage runs carry the key too
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
