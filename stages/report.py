@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from petpipe.config import Config, load_config, select
+from petpipe.config import Config, flatten, load_config, select
 from petpipe.stage import TRAINING_DATA, stage_main
 
 PARAMS = (
@@ -53,10 +53,11 @@ def run(
     from petpipe.interpret import Interpretation
     from petpipe.model import layer_groups
     from petpipe.presize import PresizedStore
-    from petpipe.tracking import stage_run
+    from petpipe.tracking import preflight, stage_run
     from petpipe.training import augment_params, restore
 
     started = time.perf_counter()
+    preflight()  # the tracking server answers, or one line and exit 2, before any work
     runtime = make_runtime(cfg.device, cfg.precision)
     store = PresizedStore(presized)
     model, meta = restore(final)
@@ -72,7 +73,10 @@ def run(
     )  # fmt: skip
     lr = ri.lr_info(lr_find_curve, lr_find_result, chosen_lr, frozen_lr=cfg.train_frozen.lr, n_groups=len(layer_groups(model)))
     loader = make_loader(store, "valid", runtime, size=meta["size"], batch_size=PREDICT_BATCH, num_workers=0)
-    with stage_run("report", select(cfg, PARAMS)) as mlflow_run:
+    with stage_run(
+        "report", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"presized": presized, "final": final}, dataset=presized,
+        outputs={"interpretation": out_dir, "report": html_path, "predictions": predictions, "summary": summary, "metrics": metrics},
+    ) as mlflow_run:  # fmt: skip
         mlflow_run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
         logits, targets = predict(model.to(runtime.device, memory_format=runtime.memory_format), loader, runtime)
         preds = rb.Predictions(
@@ -83,6 +87,7 @@ def run(
 
         written = rb.write_report(report, out_dir=out_dir, predictions=predictions, html_path=html_path, summary=summary, metrics=metrics)
         mlflow_run.log_metrics({**report.metrics, "report_seconds": time.perf_counter() - started})
+        mlflow_run.log_summary({k: v for k, v in report.metrics.items() if k in ("accuracy", "error_rate", "valid_loss", "top_5_accuracy")})
         for path in written:
             mlflow_run.log_artifact(path, "interpretation" if path.parent == out_dir else None)
     print(f"report: {html_path} ({len(report.html):,} bytes), {summary}; accuracy {report.metrics['accuracy']:.4f} on {len(targets)} "
