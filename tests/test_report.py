@@ -7,7 +7,6 @@ import csv
 import json
 import re
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -122,33 +121,7 @@ def test_figures_are_byte_reproducible():
     assert first == rf.curves_figure(curves) and first.startswith(b"\x89PNG") and b"Software" not in first and b"Matplotlib" not in first
 
 
-@contextmanager
-def recorded_runs():
-    """The stage's MLflow run, recorded in memory (the end-to-end test covers the real store)."""
-    calls: dict[str, list] = {"metrics": [], "artifacts": [], "params": []}
-
-    class Run:
-        def log_params(self, params):
-            calls["params"].append(params)
-
-        def log_metrics(self, metrics, step=None):
-            calls["metrics"].append(metrics)
-
-        def log_artifact(self, path, artifact_path=None):
-            calls["artifacts"].append((Path(path).name, artifact_path))
-
-        def set_tags(self, tags):
-            pass
-
-    @contextmanager
-    def stage_run(stage, params):
-        calls["params"].append(params)
-        yield Run()
-
-    yield calls, stage_run
-
-
-def test_report_stage_on_a_tiny_store(presized_store, tmp_path, monkeypatch):
+def test_report_stage_on_a_tiny_store(presized_store, tmp_path, monkeypatch, mlflow_store):
     """The real stage script: real predictions on a 3-class store; every output written, logged, and reproducible."""
     from petpipe import tracking
     from petpipe.engine import save_checkpoint
@@ -180,10 +153,10 @@ def test_report_stage_on_a_tiny_store(presized_store, tmp_path, monkeypatch):
         assert report_stage().main(argv) == 0
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
-    with recorded_runs() as (calls, stage_run):
-        monkeypatch.setattr(tracking, "stage_run", stage_run)
-        first = run_stage()
-        assert run_stage() == first  # a forced re-run writes the same bytes: no timestamps, no run ids
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)  # a real (sqlite) store
+    monkeypatch.setenv("PETPIPE_EXECUTION", "report-test")
+    first = run_stage()
+    assert run_stage() == first  # a forced re-run writes the same bytes: no timestamps, no run ids
     assert set(first) == {"report.html", "summary.md", "predictions.csv", "report.json"} | {f"interpretation/{f}.png" for f in FIGURES} | {
         f"interpretation/{t}.csv" for t in TABLES
     }
@@ -194,8 +167,14 @@ def test_report_stage_on_a_tiny_store(presized_store, tmp_path, monkeypatch):
     assert len(predictions) == 12 and {r["actual"] for r in predictions} == set(classes) and predictions[0]["path"].startswith("valid/")
     metrics = json.loads(first["report.json"])
     assert set(metrics) == {"valid_loss", "accuracy", "error_rate"}
-    logged = calls["metrics"][0]
-    assert logged["accuracy"] == metrics["accuracy"] and logged["report_seconds"] > 0
-    assert {("report.html", None), ("summary.md", None), ("predictions.csv", None), ("show_batch.png", "interpretation")} <= set(calls["artifacts"])
-    assert calls["params"][0]["train.arch"] == "resnet18" and "train.num_workers" not in calls["params"][0]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`petpipe.stage` = 'report'")
+    assert len(runs) == 2  # one per execution of the stage
+    logged = runs[0]
+    assert logged.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"]) and logged.data.metrics["report_seconds"] > 0
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)} | {a.path for a in client.list_artifacts(logged.info.run_id, "interpretation")}
+    assert {"report.html", "summary.md", "predictions.csv", "interpretation/show_batch.png"} <= artifacts
+    assert logged.data.params["train.arch"] == "resnet18" and "train.num_workers" not in logged.data.params
 

@@ -159,6 +159,9 @@ def make_loader(
         drop_last=train and len(dataset) // world > batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
+        # Not fork: the training process runs threads (MLflow's system metrics, the allocator) whose
+        # locks a forked worker could inherit held. forkserver workers start clean, once (persistent).
+        multiprocessing_context="forkserver" if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=runtime.pin_memory,
     )

@@ -126,7 +126,9 @@ def _decoded(paths: list[str], *, root: Path, size: int, workers: int) -> Iterat
         yield from map(task, paths)
         return
     chunksize = max(1, min(MAX_CHUNKSIZE, len(paths) // (4 * workers)))
-    with multiprocessing.Pool(workers) as pool:  # __exit__ terminates the workers on any error
+    # forkserver, not fork: the stage process already runs threads (MLflow, the allocator), and a
+    # forked child can inherit one of their locks held and hang on it.
+    with multiprocessing.get_context("forkserver").Pool(workers) as pool:  # __exit__ terminates the workers on any error
         yield from pool.imap(task, paths, chunksize=chunksize)
 
 
