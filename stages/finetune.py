@@ -50,7 +50,7 @@ def log_final_model(run, result: dict, *, final: Path, presized: Path) -> None:
     from petpipe.presize import PresizedStore
     from petpipe.serving import example_input
 
-    run.log_summary({k: result[k] for k in ("accuracy", "error_rate", "valid_loss", "top5_accuracy") if k in result})
+    run.log_summary({k: result[k] for k in ("accuracy", "error_rate", "valid_loss", "top_5_accuracy") if k in result})
     store = PresizedStore(presized)
     run.log_image_classifier(final, presize_size=store.size, example=example_input(presized), classes=store.classes)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,6 +229,12 @@ def stage_env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
+
+
+def write_params(path: Path, params: dict) -> str:
+    """A params file for a stage's ``--params``; returns its path as a string."""
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
 
 
 def tar_bytes(entries: dict[str, bytes]) -> bytes:

@@ -10,7 +10,7 @@ import tarfile
 import mlflow
 import pytest
 import yaml
-from conftest import ROOT, make_image
+from conftest import ROOT, make_image, write_params
 from http_faults import FaultyServer
 from PIL import Image
 from test_stage_spec import load_stage
@@ -34,11 +34,6 @@ def params(tmp_path, monkeypatch, mlflow_store):
     raw["presize"]["size"] = 24
     yield raw
     mlflow.set_tracking_uri(None)
-
-
-def write_params(path, raw) -> str:
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
 
 
 def image_bytes(image: Image.Image, **save) -> bytes:

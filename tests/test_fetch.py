@@ -297,7 +297,7 @@ def tar_with(member: tarfile.TarInfo) -> bytes:
     [
         (tarfile.SYMTYPE, "../../../outside", "a link out of its folder"),
         (tarfile.SYMTYPE, "/etc/passwd", "a link out of its folder"),
-        (tarfile.LNKTYPE, "../x", "a path outside its folder|a link out of its folder"),
+        (tarfile.LNKTYPE, "../x", "a link out of its folder"),
         (tarfile.CHRTYPE, "", "a device or pipe"),
         (tarfile.FIFOTYPE, "", "a device or pipe"),
     ],

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, write_params
 from test_stage_spec import load_stage
 
 
@@ -20,11 +20,6 @@ def tiny_params(tmp_path, monkeypatch, mlflow_store):
     params["train_frozen"]["epochs"] = 1
     yield params
     mlflow.set_tracking_uri(None)
-
-
-def write_params(path, params) -> str:
-    path.write_text(yaml.safe_dump(params))
-    return str(path)
 
 
 def test_seed_fixes_initial_weights_data_order_and_augmentation(tiny_params, presized_store, tmp_path):

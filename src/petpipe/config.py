@@ -268,7 +268,7 @@ def parse_config(raw: Any) -> Config:
 def describe_error(error: dict[str, Any]) -> str:
     """One pydantic error -> ``key: value ... what is allowed``."""
     # Union members appear in the location as tags such as "literal['auto']" or "function-after[...]".
-    loc = [str(part) for part in error["loc"] if "[" not in str(part) and str(part) not in ("int", "str", "AugmentConfig")]
+    loc = [str(part) for part in error["loc"] if "[" not in str(part)]
     key = ".".join(loc) or "top level"
     kind, value = error["type"], error.get("input")
     if kind == "extra_forbidden":

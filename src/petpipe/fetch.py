@@ -355,10 +355,6 @@ def digests(path: Path) -> dict[str, str]:
     return {"sha256": sha.hexdigest(), "md5": md5.hexdigest()}
 
 
-def sha256_of(path: Path) -> str:
-    return digests(path)["sha256"]
-
-
 def verify(archive: Path, url: str, *, sha256: str | None = None, md5: str | None = None, size: int | None = None) -> str:
     """Check the archive against the params that are not null; returns its SHA-256."""
     actual_size = archive.stat().st_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -61,6 +62,18 @@ def replace_dir(src: Path, dest: Path) -> None:
     os.replace(src, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def hash_file(digest: Any, path: Path) -> Any:
+    """Feed a file to a hashlib digest in 1 MiB blocks; returns the digest."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def md5_of(path: Path) -> str:
+    return hash_file(hashlib.md5(), path).hexdigest()
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from petpipe.errors import PetpipeError
-from petpipe.files import atomic_open, write_json
+from petpipe.files import atomic_open, write_json, write_rows
 
 # Other files (the .mat files in the Pets images/ folder, READMEs, hidden files) are ignored.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -372,10 +372,7 @@ def write_table(table: LabelTable, out_dir: Path) -> dict[str, Path]:
         writer.writerow(TABLE_COLUMNS)
         writer.writerows((item.path, item.label, item.split) for item in table.items)
     write_json(paths["classes"], table.classes)
-    with atomic_open(paths["skipped"]) as f:
-        writer = csv.writer(f)
-        writer.writerow(("path", "reason"))
-        writer.writerows(table.skipped)
+    write_rows(paths["skipped"], [{"path": p, "reason": r} for p, r in table.skipped], columns=["path", "reason"])
     return paths
 
 

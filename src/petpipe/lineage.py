@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from petpipe.files import md5_of
+
 PIPELINE_FILE = "dvc.yaml"
 LOCK_FILE = "dvc.lock"
 EXECUTION_ENV = "PETPIPE_EXECUTION"
@@ -161,23 +163,15 @@ def lineage_params(stages: dict[str, dict[str, list[str]]], stage: str, resolved
 # Digests
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dvc_digest(path: Path) -> str | None:
     """DVC's MD5 of a file or folder (folders: ``<md5 of the JSON listing>.dir``); None if it does not exist."""
     path = Path(path)
     if path.is_file():
-        return file_md5(path)
+        return md5_of(path)
     if not path.is_dir():
         return None
     entries = sorted(
-        ({"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*") if p.is_file()), key=lambda e: e["relpath"]
+        ({"md5": md5_of(p), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*") if p.is_file()), key=lambda e: e["relpath"]
     )  # fmt: skip
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 

@@ -23,7 +23,6 @@ Store layout (a folder; every file byte-reproducible, so DVC sees identical hash
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import multiprocessing
@@ -41,7 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from petpipe.errors import PetpipeError
-from petpipe.files import replace_dir
+from petpipe.files import replace_dir, write_rows
 
 FORMAT = "petpipe-presized-v1"
 SPLITS = ("train", "valid")  # split code = position in this tuple
@@ -191,10 +190,7 @@ def write_plain_json(path: Path, data: object) -> None:
 
 
 def write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(("path", "reason"))
-        writer.writerows(skipped)
+    write_rows(path, [{"path": p, "reason": r} for p, r in skipped], columns=["path", "reason"])
 
 
 class PresizedStore:

@@ -54,7 +54,8 @@ def build_report(run: RunInfo, data: DataInfo, lr: LrInfo, preds: Predictions, *
     confused = [{"actual": a, "predicted": p, "count": n} for a, p, n in it.most_confused(cm, classes, most_confused_min)]
     per_class = it.per_class_metrics(cm, classes)
     worst = it.top_losses(interp.losses, top_losses)
-    worst_rows = [prediction_row(preds, int(i)) for i in worst]
+    rows = [prediction_row(preds, i) for i in range(len(interp.targets))]
+    worst_rows = [rows[int(i)] for i in worst]
     profile, differences = rp.closest_profile(run.params, run.profiles)
 
     figures = {
@@ -94,7 +95,7 @@ def build_report(run: RunInfo, data: DataInfo, lr: LrInfo, preds: Predictions, *
         metrics=metrics,
         figures=figures,
         tables=tables,
-        predictions=[prediction_row(preds, i) for i in range(len(interp.targets))],
+        predictions=rows,
     )
 
 

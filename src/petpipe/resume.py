@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from petpipe.distributed import rank, world_size
-from petpipe.files import atomic_open
+from petpipe.files import atomic_open, hash_file
 
 RESUME_DIR = Path(".dvc") / "tmp" / "resume"
 
@@ -41,9 +41,7 @@ def file_digest(path: Path) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".json", ".npy", ".csv"))
     for file in files:
         digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        hash_file(digest, file)
     return digest.hexdigest()
 
 

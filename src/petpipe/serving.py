@@ -80,7 +80,7 @@ def as_bytes(image: Any) -> bytes:
     if isinstance(image, bytes | bytearray):
         return bytes(image)
     try:
-        return base64.b64decode(str(image), validate=False)
+        return base64.b64decode(str(image), validate=True)
     except (binascii.Error, ValueError):
         raise PetpipeError(f"image {str(image)[:80]!r} is neither an existing file nor base64-encoded bytes") from None
 

@@ -117,19 +117,23 @@ def _probe(uri: str, timeout: float) -> str | None:
         return str(getattr(err, "reason", None) or err)
 
 
+_ANSWERED: set[str] = set()  # tracking URIs that answered in this process
+
+
 def check_tracking(uri: str, seconds: float = CHECK_SECONDS) -> None:
     """Raise TrackingError (one line: the URI, what happened, the fix) unless a tracking server answers.
 
     Local stores (sqlite, files) need no check. A refused connection is retried for
     ``REFUSED_SECONDS`` (a restarting server), anything else (a timeout, an error page) up to ``seconds``.
     """
-    if not uri.startswith(("http://", "https://")):
+    if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
         return
     started = time.monotonic()
     while True:
         elapsed = time.monotonic() - started
         why = _probe(uri, timeout=max(0.5, min(5.0, seconds - elapsed)))
         if why is None:
+            _ANSWERED.add(uri)  # preflight and stage_run both check: probe once per process
             return
         elapsed = time.monotonic() - started
         if elapsed >= (REFUSED_SECONDS if "refused" in why.lower() else seconds):
@@ -301,9 +305,11 @@ class StageRun:
     def log_dataset(self, path: Path, digest: str) -> None:
         self._do("log_dataset", [str(path), digest], lambda: _log_dataset(self.run_id, path, digest))
 
-    def log_outputs(self, outputs: dict[str, Path]) -> None:
-        """DVC digests of the outputs, so a later execution that skips this stage can find this run."""
-        self.set_tags({f"petpipe.output.{p}": d for p in outputs.values() if (d := lineage.dvc_digest(Path(p)))})
+    def log_outputs(self, outputs: dict[str, Path]) -> dict[str, str]:
+        """DVC digests of the outputs (returned too), so a later execution that skips this stage can find this run."""
+        digests = {str(p): d for p in outputs.values() if (d := lineage.dvc_digest(Path(p)))}
+        self.set_tags({f"petpipe.output.{p}": d for p, d in digests.items()})
+        return digests
 
     def _producer(self, path: str, digest: str) -> str | None:
         if self.offline:
@@ -457,9 +463,9 @@ def stage_run(
             link_skipped_stages(client, experiment_id, parent_id, stages)
         yield handle
         if outputs:
-            handle.log_outputs(outputs)
-            if dataset is not None and not inputs:  # fetch: its output is the dataset
-                handle.log_dataset(dataset, lineage.dvc_digest(dataset) or "")
+            digests = handle.log_outputs(outputs)
+            if dataset is not None and not inputs:  # fetch: its output is the dataset (hashed once, above)
+                handle.log_dataset(dataset, digests.get(str(dataset), ""))
         handle.log_summary({f"{stage}_seconds": time.monotonic() - started})
         status = "FINISHED"
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the stage turns it into KeyboardInterrupt)
@@ -504,8 +510,11 @@ def write_pending(handle: StageRun) -> Path:
 
 def replay(pending: Path) -> str:
     """Log a pending journal (written during an outage) as a new run of its stage, under its execution's parent."""
-    record = json.loads(Path(pending).read_text())
+    pending = Path(pending).resolve()
+    record = json.loads(pending.read_text())
     os.environ[lineage.EXECUTION_ENV] = record["execution"]
+    if Path(record["cwd"]).is_dir():  # the journal's paths are relative to the stage's working directory
+        os.chdir(record["cwd"])
     calls = record["calls"]
     params = next((args[0] for name, args in calls if name == "log_params"), {})
     with stage_run(record["stage"], params) as run:

@@ -64,21 +64,15 @@ def fit_and_record(
     print(f"{stage}: {runtime.describe()}; {len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid images; "
           f"{count_trainable(model):,} trainable parameters; lr_max per layer group {['%.2e' % lr for lr in lr_max]}"
           + (f"; process {rank()} of {world_size()}" if world_size() > 1 else ""))  # fmt: skip
-    if not is_main():
-        history = fit_one_cycle(
-            model, train_loader, valid_loader, epochs=epochs, lr_max=lr_max, pct_start=pct_start, weight_decay=weight_decay, runtime=runtime, resume=resume,
-        )  # fmt: skip
+    if not is_main():  # another torchrun process: trains, writes and logs nothing
+        history = _fit(model, train_loader, valid_loader, epochs, lr_max, pct_start, weight_decay, runtime, resume, None)
         if resume:
             clear_state(resume)
         return {k: v for k, v in history[-1].items() if k != "epoch"}
     with stage_run(stage, params, **(tracking or {})) as run:
         run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
         run.log_params({f"{stage}.lr_max_groups": [float(f"{lr:.4g}") for lr in lr_max]})
-        history = fit_one_cycle(
-            model, train_loader, valid_loader, epochs=epochs, lr_max=lr_max, pct_start=pct_start, weight_decay=weight_decay, runtime=runtime,
-            on_epoch_end=lambda row: run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
-            resume=resume, on_resume=lambda epoch: run.set_tags({"petpipe.resumed_after_epoch": str(epoch)}),
-        )  # fmt: skip
+        history = _fit(model, train_loader, valid_loader, epochs, lr_max, pct_start, weight_decay, runtime, resume, run)
         save_checkpoint(checkpoint, model, meta={**meta, "stage": stage, "epochs": epochs})
         final = {k: v for k, v in history[-1].items() if k != "epoch"} | (extra_metrics or {})
         write_json(metrics, final)
@@ -92,6 +86,19 @@ def fit_and_record(
     if resume:
         clear_state(resume)  # the outputs are complete: nothing left to resume
     return final
+
+
+def _fit(
+    model: nn.Sequential, train_loader: DataLoader, valid_loader: DataLoader, epochs: int, lr_max: list[float], pct_start: float,
+    weight_decay: float, runtime: Runtime, resume: ResumePoint | None, run: StageRun | None,
+) -> list[dict[str, float]]:  # fmt: skip
+    """``fit_one_cycle``, its epochs logged to ``run`` when there is one (rank 0)."""
+    history = fit_one_cycle(
+        model, train_loader, valid_loader, epochs=epochs, lr_max=lr_max, pct_start=pct_start, weight_decay=weight_decay, runtime=runtime,
+        on_epoch_end=run and (lambda row: run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))),
+        resume=resume, on_resume=run and (lambda epoch: run.set_tags({"petpipe.resumed_after_epoch": str(epoch)})),
+    )  # fmt: skip
+    return history
 
 
 def augment_params(augment: Any) -> AugmentParams | None:
