@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from test_stage_spec import load_stage
 
 from petpipe.lineage import dvc_digest
+from petpipe.tracking import replay
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +35,7 @@ ARGS = {  # the stage commands of dvc.yaml, without report (another module's con
     "finetune": {"presized": "presized", "checkpoint": "stage1", "chosen-lr": "chosen_lr", "final": "final", "metrics": "finetune_metrics", "plot": "finetune_curve"},
 }  # fmt: skip
 TRACKED = ["fetch", "labels", "presize", "train_frozen", "lr_find", "finetune"]
+REGISTERED = "petpipe-tiny"
 
 
 def path_of(ref: str) -> str:
@@ -87,6 +89,7 @@ def executions(tmp_path_factory, mlflow_server):
         write_lock(TRACKED)
         stage1_digest = dvc_digest(Path(PATHS["stage1"]))
         params["train_frozen"]["pct_start"] = 0.5
+        params["mlflow"]["register_as"] = REGISTERED
         second = work / "second.yaml"
         second.write_text(yaml.safe_dump(params))
         patch.setenv("PETPIPE_EXECUTION", "second")
@@ -138,28 +141,54 @@ def test_stage_runs_carry_lineage_params_inputs_and_metric_histories(executions)
         assert not [p for p in paths if p.endswith(".pt")], paths
 
 
-def test_the_final_model_predicts_raw_images_in_a_fresh_process(executions, mlflow_server):
-    finetune = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'finetune'")[0]
-    models = [m.model_id for m in finetune.outputs.model_outputs]
-    assert len(models) == 1
-    image = next((executions["work"] / PATHS["dataset"]).rglob("valid/red/*.png"))
-    code = (
-        "import sys, mlflow, pandas as pd\n"
-        f"model = mlflow.pyfunc.load_model('models:/{models[0]}')\n"
-        f"path = {str(image)!r}\n"
-        "out = model.predict(pd.DataFrame({'image': [path, open(path, 'rb').read()]}))\n"
-        "print(out.to_json(orient='records'))\n"
-    )
-    env = {"MLFLOW_TRACKING_URI": mlflow_server, "PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(executions["work"])}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=executions["work"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
-    from petpipe.serving import ImageClassifier  # the same checkpoint, here: the same answer
+FRESH_PROCESS = """
+import json, sys, mlflow, numpy as np, pandas as pd
+path, network_uri, out = sys.argv[1:4]
+classifier = mlflow.pyfunc.load_model("models:/{name}@candidate")
+answer = classifier.predict(pd.DataFrame({{"image": [path, open(path, "rb").read()]}}))
+example = mlflow.artifacts.download_artifacts("models:/{name}@candidate") + "/serving_input_example.json"
+mlflow.models.predict("models:/{name}@candidate", input_path=example, content_type="json", output_path=out, env_manager="local")
+network = mlflow.pytorch.load_model(network_uri)
+x = np.array(json.load(open(mlflow.artifacts.download_artifacts(network_uri) + "/input_example.json")), dtype=np.float32)
+import torch
+print(json.dumps({{"rows": answer.to_dict(orient="records"), "logits": network(torch.from_numpy(x)).tolist(), "x": x.tolist()}}))
+"""
 
+
+def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(executions, mlflow_server):
+    """Both logged models load in a fresh process: the registered pyfunc (alias candidate) predicts a
+    known image from its path and its bytes and serves its own input example; the PyTorch model gives
+    the checkpoint's logits."""
+    import numpy as np
     import pandas as pd
+    import torch
 
-    expected = ImageClassifier(executions["work"] / "models/final.pt", presize_size=24)(pd.DataFrame({"image": [str(image)]}))
-    assert [r["label"] for r in rows] == [expected["label"][0]] * 2 and 0 < rows[0]["probability"] <= 1
+    from petpipe.serving import ImageClassifier
+
+    client = executions["client"]
+    finetune = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'finetune'")[0]
+    models = {client.get_logged_model(m.model_id).name: m.model_id for m in finetune.outputs.model_outputs}
+    assert set(models) == {"model", "image_classifier"}
+    candidate = client.get_model_version_by_alias(REGISTERED, "candidate")
+    assert candidate.run_id == finetune.info.run_id and models["image_classifier"] in candidate.source, candidate
+    first = runs(executions, "tags.`petpipe.execution` = 'first' and attributes.run_name = 'finetune'")[0]
+    assert len(first.outputs.model_outputs) == 2 and len(client.search_model_versions(f"name = '{REGISTERED}'")) == 1  # first: not registered
+    image = next((executions["work"] / PATHS["dataset"]).rglob("valid/red/*.png"))
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(executions["work"])}
+    served = executions["work"] / "served.json"
+    code = FRESH_PROCESS.format(name=REGISTERED)
+    argv = [sys.executable, "-c", code, str(image), f"models:/{models['model']}", str(served)]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=executions["work"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    reference = ImageClassifier(executions["work"] / "models/final.pt", presize_size=24)  # the same checkpoint, here: the same answers
+    expected = reference(pd.DataFrame({"image": [str(image)]}))
+    assert [r["label"] for r in out["rows"]] == [expected["label"][0]] * 2 and 0 < out["rows"][0]["probability"] <= 1
+    assert len(json.loads(served.read_text())["predictions"]) == 2  # the serving input example, through MLflow's scoring path
+    with torch.inference_mode():
+        logits = reference.model(torch.tensor(out["x"])).numpy()
+    assert np.asarray(out["x"]).shape[1:] == (3, 16, 16)
+    np.testing.assert_allclose(np.asarray(out["logits"]), logits, rtol=1e-4, atol=1e-4)
 
 
 def test_an_unreachable_server_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
@@ -175,8 +204,10 @@ def test_an_unreachable_server_fails_fast_with_one_line(tmp_path, monkeypatch, c
     assert uri in err and "unset MLFLOW_TRACKING_URI" in err and not (tmp_path / "dataset").exists()
 
 
-def start_server(home: Path, template: Path) -> tuple[subprocess.Popen, str]:
-    copy_store(template, home / "mlflow.db")
+def start_server(home: Path, template: Path | None) -> tuple[subprocess.Popen, str]:
+    """An `mlflow server` on ``home``'s store: a fresh copy of ``template``, or (None) the store already there."""
+    if template is not None:
+        copy_store(template, home / "mlflow.db")
     port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -229,3 +260,16 @@ def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journa
     assert len(pending) == 1 and f"python -m petpipe.tracking replay {pending[0]}" in err
     calls = [name for name, _ in json.loads(pending[0].read_text())["calls"]]
     assert "log_metrics" in calls and "log_artifact" in calls
+    # The server is back: the documented command logs what the stage kept, as a run of the same execution.
+    proc, url = start_server(tmp_path / "server", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.chdir(tmp_path / "server")  # replay works from anywhere: it goes to the journal's folder
+    try:
+        run_id = replay(pending[0])
+        replayed = MlflowClient(url).get_run(run_id)
+    finally:
+        proc.kill()
+        mlflow.set_tracking_uri(None)
+    assert not pending[0].exists() and replayed.info.status == "FINISHED" and replayed.data.tags["petpipe.execution"] == "outage"
+    assert replayed.data.metrics["accuracy"] == json.loads((tmp_path / "m.json").read_text())["accuracy"]
+    assert replayed.data.params["train_frozen.epochs"] == "1" and len(MlflowClient(url).get_metric_history(run_id, "train_loss")) == 1

@@ -220,6 +220,16 @@ class ReportConfig(Section):
     most_confused_min: int = Field(ge=1, description="smallest count listed among the most-confused pairs")
 
 
+class MlflowConfig(Section):
+    """What the tracking does beyond logging; read by the stages but no DVC dependency (it shapes no output)."""
+
+    register_as: str | None = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$",
+        description="registered-model name for finetune's final model (the raw-image pyfunc), with the alias `candidate` on the new "
+        "version; null registers nothing. Not a DVC dependency: changing it re-runs nothing (register an earlier run's model in the UI)",
+    )
+
+
 class Config(Section):
     seed: int = Field(ge=0, lt=2**32, description="seeds Python, NumPy, torch, the random validation split, the shuffling order and augmentation")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(description="`auto` picks CUDA, then Apple MPS, then CPU")
@@ -235,6 +245,7 @@ class Config(Section):
     finetune: FinetuneConfig
     distributed: DistributedConfig
     report: ReportConfig
+    mlflow: MlflowConfig
 
 
 def load_config(path: str | Path = PARAMS_FILE) -> Config:

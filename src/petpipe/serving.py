@@ -56,6 +56,11 @@ class ImageClassifier:
         except Exception as err:
             raise PetpipeError(f"image {str(image)[:80]!r} cannot be decoded ({type(err).__name__}: {err}); give a file path or the file's bytes") from None
 
+    def inputs(self, images: list[Any]) -> torch.Tensor:
+        """What the network takes: float32 NCHW at the training size, normalised as in training."""
+        squares = np.stack([self.pixels(image) for image in images])
+        return valid_batch(torch.from_numpy(squares).permute(0, 3, 1, 2).contiguous(), size=self.size)
+
     @torch.inference_mode()
     def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
         if IMAGE_COLUMN not in frame.columns:
@@ -63,9 +68,7 @@ class ImageClassifier:
         labels, probabilities = [], []
         images = list(frame[IMAGE_COLUMN])
         for start in range(0, len(images), BATCH):
-            squares = np.stack([self.pixels(image) for image in images[start : start + BATCH]])
-            batch = torch.from_numpy(squares).permute(0, 3, 1, 2).contiguous()
-            best = torch.softmax(self.model(valid_batch(batch, size=self.size)).float(), dim=1).max(dim=1)
+            best = torch.softmax(self.model(self.inputs(images[start : start + BATCH])).float(), dim=1).max(dim=1)
             labels += [self.classes[int(i)] for i in best.indices]
             probabilities += best.values.tolist()
         return pd.DataFrame({"label": labels, "probability": probabilities})
@@ -76,11 +79,12 @@ def is_path(image: Any) -> bool:
 
 
 def as_bytes(image: Any) -> bytes:
-    """Encoded image bytes; a string that is not a file is read as base64 (how JSON, e.g. a serving request, carries bytes)."""
+    """Encoded image bytes; a string that is not a file is read as base64 (how JSON, e.g. a serving
+    request, carries bytes), with or without MIME line breaks (MLflow's input examples have them)."""
     if isinstance(image, bytes | bytearray):
         return bytes(image)
     try:
-        return base64.b64decode(str(image), validate=True)
+        return base64.b64decode("".join(str(image).split()), validate=True)
     except (binascii.Error, ValueError):
         raise PetpipeError(f"image {str(image)[:80]!r} is neither an existing file nor base64-encoded bytes") from None
 
@@ -89,13 +93,17 @@ def load_classifier(checkpoint: Path, presize_size: int) -> ImageClassifier:
     return ImageClassifier(checkpoint, presize_size)
 
 
-def example_input(presized: Path) -> pd.DataFrame:
-    """An input example for the logged model: one validation image of the store, as PNG bytes."""
+def example_input(presized: Path, count: int = 2) -> pd.DataFrame:
+    """An input example for the logged models: the first ``count`` validation images of the store, as
+    PNG bytes (two, so that the exported network keeps a variable batch size)."""
     from PIL import Image
 
     from petpipe.presize import PresizedStore
 
     store = PresizedStore(presized)
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(store.image(int(store.indices("valid")[0])))).save(buffer, format="PNG")
-    return pd.DataFrame({IMAGE_COLUMN: [buffer.getvalue()]})
+    encoded = []
+    for index in store.indices("valid")[:count]:
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(store.image(int(index)))).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return pd.DataFrame({IMAGE_COLUMN: encoded})

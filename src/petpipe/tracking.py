@@ -14,7 +14,8 @@ a stage DVC skipped, the earlier run whose logged output digest equals the one i
 of every input and output (tags ``petpipe.input.<path>`` / ``petpipe.output.<path>``), the run that
 produced each input (``petpipe.upstream.<path>``), and the dataset via ``mlflow.log_input``. Raw
 checkpoints stay in DVC: MLflow gets their digest, never a copy. The final model is logged once,
-as a pyfunc model (``log_image_classifier``).
+as a PyTorch model and as a pyfunc model that takes raw images (``log_final_models``), and
+optionally registered (``mlflow.register_as``, alias ``candidate``).
 
 **Outages.** Before any work a stage checks that a tracking server answers (one line naming the
 URI and the fix if not, within ``CHECK_SECONDS``). HTTP retries are bounded (``HTTP_DEFAULTS``).
@@ -30,6 +31,7 @@ experiment workspace under ``.dvc/tmp/exps``, the repository that workspace belo
 
 from __future__ import annotations
 
+import base64
 import importlib
 import importlib.metadata
 import json
@@ -285,10 +287,11 @@ class StageRun:
         tags = {k: str(v) for k, v in tags.items()}
         self._do("set_tags", [tags], lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
-    def log_image_classifier(self, checkpoint: Path, *, presize_size: int, example: Any, classes: list[str]) -> None:
-        """The final model, once: a pyfunc taking a DataFrame column ``image`` (paths or bytes) and returning ``label``, ``probability``."""
-        args = {"checkpoint": str(checkpoint), "presize_size": int(presize_size), "classes": list(classes)}
-        self._do("log_image_classifier", [args, None], lambda: log_image_classifier(self.run_id, Path(checkpoint), presize_size, example, classes))
+    def log_image_classifier(self, checkpoint: Path, *, presize_size: int, example: Any, register_as: str | None = None) -> None:
+        """The final model, once, as two MLflow models (see ``log_final_models``); registered as ``register_as`` if given."""
+        frame = {"image": [base64.b64encode(b).decode() if isinstance(b, bytes) else b for b in example["image"]]}  # JSON for the journal
+        args = {"checkpoint": str(checkpoint), "presize_size": int(presize_size), "example": frame, "register_as": register_as}
+        self._do("log_image_classifier", [args], lambda: log_final_models(self.run_id, **args))
 
     def log_input_files(self, inputs: dict[str, Path], dataset: Path | None) -> None:
         """Digests of the input files, the runs that produced them, and ``dataset`` as an MLflow dataset input."""
@@ -370,23 +373,77 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         return self._predict(model_input)
 
 
-def log_image_classifier(run_id: str, checkpoint: Path, presize_size: int, example: Any, classes: list[str]) -> None:
+SERVING_FACTORY = "petpipe.serving:load_classifier"
+CANDIDATE_ALIAS = "candidate"
+
+
+def log_final_models(run_id: str, checkpoint: str, presize_size: int, example: dict[str, list[Any]], register_as: str | None) -> None:
+    """Log the final model on the active run ``run_id``, twice (two views of one checkpoint):
+
+    - ``model``: the network, ``mlflow.pytorch.log_model`` (torch.export format), float32 NCHW at the
+      training size, normalised with the ImageNet mean/std -> logits; signature and input example.
+    - ``image_classifier``: a pyfunc taking raw images, a DataFrame column ``image`` of file paths or
+      encoded bytes -> ``label``, ``probability``; this is the one registered as ``register_as``
+      (alias ``candidate``), the one ``mlflow models serve`` can serve.
+
+    Both carry the class names and the preprocessing in their metadata.
+    """
+    import pandas as pd
+
+    if mlflow.active_run() is None or mlflow.active_run().info.run_id != run_id:
+        raise TrackingError(f"log_final_models: run {run_id} is not the active run")
+    module, name = SERVING_FACTORY.split(":")
+    classifier = getattr(importlib.import_module(module), name)(Path(checkpoint), presize_size=presize_size)
+    frame = pd.DataFrame(example)
+    metadata = {
+        "classes": list(classifier.classes), "size": classifier.size, "presize_size": int(presize_size),
+        "preprocessing": f"decode, EXIF-rotate, RGB; shorter side {presize_size} px; centre square; bilinear to {classifier.size} px; "
+                         "scale to [0, 1]; normalise with ImageNet mean/std",
+    }  # fmt: skip
+    _log_torch_model(classifier.model, classifier.inputs(list(frame["image"])).numpy(), len(classifier.classes), metadata)
+    info = _log_pyfunc_classifier(Path(checkpoint), int(presize_size), frame, metadata)
+    if register_as:
+        register_model(info.model_uri, register_as, run_id)
+
+
+def _requirements() -> list[str]:
+    return [f"{p}=={importlib.metadata.version(p)}" for p in ("mlflow", "torch", "torchvision", "pillow", "pandas", "numpy", "pydantic", "pyyaml")]
+
+
+def _log_torch_model(network: Any, example: Any, n_classes: int, metadata: dict[str, Any]) -> Any:
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes))]),
+    )
+    return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=example, pip_requirements=_requirements(),
+                                    metadata=metadata)  # fmt: skip
+
+
+def _log_pyfunc_classifier(checkpoint: Path, presize_size: int, example: Any, metadata: dict[str, Any]) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     signature = ModelSignature(
         inputs=Schema([ColSpec(AnyType(), "image")]), outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")])
     )
-    requirements = [f"{p}=={importlib.metadata.version(p)}" for p in ("mlflow", "torch", "torchvision", "pillow", "pandas", "numpy", "pydantic", "pyyaml")]
-    if mlflow.active_run() is None or mlflow.active_run().info.run_id != run_id:
-        raise TrackingError(f"log_image_classifier: run {run_id} is not the active run")
-    mlflow.pyfunc.log_model(  # links the logged model to the active run, the stage's
-        name="model", python_model=ImageClassifierModel("petpipe.serving:load_classifier"), artifacts={"checkpoint": str(checkpoint)},
-        model_config={"presize_size": int(presize_size)}, code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
-        input_example=example, pip_requirements=requirements,
-        metadata={"classes": list(classes), "preprocessing": f"decode, EXIF-rotate, RGB; shorter side {presize_size} px; centre square; "
-                  "resize to the training size; ImageNet mean/std"},
+    return mlflow.pyfunc.log_model(  # links the logged model to the active run, the stage's
+        name="image_classifier", python_model=ImageClassifierModel(SERVING_FACTORY), artifacts={"checkpoint": str(checkpoint)},
+        model_config={"presize_size": presize_size}, code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
+        input_example=example, pip_requirements=_requirements(), metadata=metadata,
     )  # fmt: skip
+
+
+def register_model(model_uri: str, name: str, run_id: str) -> str:
+    """Register ``model_uri`` as a new version of ``name`` and point the alias ``candidate`` at it; returns the version."""
+    version = mlflow.register_model(model_uri, name, tags={"petpipe.run": run_id}).version
+    MlflowClient().set_registered_model_alias(name, CANDIDATE_ALIAS, version)
+    print(f"registered the final model as {name} version {version} (alias {CANDIDATE_ALIAS}: models:/{name}@{CANDIDATE_ALIAS})")
+    return str(version)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,8 +578,9 @@ def replay(pending: Path) -> str:
         run.set_tags({"petpipe.replayed_from": str(pending)})
         for name, args in calls[1:] if calls and calls[0][0] == "log_params" else calls:
             if name == "log_image_classifier":
-                spec = args[0]  # no input example: the journal holds no images
-                run.log_image_classifier(Path(spec["checkpoint"]), presize_size=spec["presize_size"], classes=spec["classes"], example=None)
+                spec = args[0]
+                run.log_image_classifier(Path(spec["checkpoint"]), presize_size=spec["presize_size"], example=spec["example"],
+                                         register_as=spec["register_as"])  # fmt: skip
             elif name == "log_dataset":
                 run.log_dataset(Path(args[0]), args[1])
             else:

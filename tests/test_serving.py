@@ -1,0 +1,62 @@
+"""The raw-image predictor behind the logged pyfunc model: paths, bytes and base64 (as MLflow's input
+examples and JSON requests carry bytes) give the same answer as the validation path of training."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from petpipe.augment import valid_batch
+from petpipe.engine import save_checkpoint
+from petpipe.errors import PetpipeError
+from petpipe.model import build_model
+from petpipe.presize import PresizedStore
+from petpipe.serving import ImageClassifier, example_input
+
+
+@pytest.fixture(scope="module")
+def classifier(presized_store, tmp_path_factory) -> ImageClassifier:
+    torch.manual_seed(0)
+    classes = PresizedStore(presized_store).classes
+    checkpoint = tmp_path_factory.mktemp("serving") / "final.pt"
+    save_checkpoint(checkpoint, build_model("resnet18", len(classes), weights="none"), meta={"arch": "resnet18", "classes": classes, "size": 16})
+    return ImageClassifier(checkpoint, presize_size=PresizedStore(presized_store).size)
+
+
+def test_paths_bytes_and_base64_with_line_breaks_give_the_same_answer(classifier, presized_store):
+    data = example_input(presized_store, count=2)["image"].tolist()
+    assert all(isinstance(b, bytes) for b in data)
+    mime = [base64.encodebytes(b).decode() for b in data]  # what MLflow writes in input_example.json
+    assert all("\n" in m[:-1] for m in mime)
+    plain = [base64.b64encode(b).decode() for b in data]
+    answers = [classifier(pd.DataFrame({"image": images})) for images in (data, mime, plain)]
+    for answer in answers[1:]:
+        pd.testing.assert_frame_equal(answer, answers[0])
+    assert list(answers[0].columns) == ["label", "probability"] and set(answers[0]["label"]) <= set(classifier.classes)
+
+
+def test_the_network_input_is_the_training_validation_batch(classifier, presized_store, tmp_path):
+    from PIL import Image
+
+    store = PresizedStore(presized_store)
+    index = int(store.indices("valid")[0])
+    square = store.image(index)
+    path = tmp_path / "square.png"
+    Image.fromarray(square).save(path)  # already presized and square: decoding it again changes nothing
+    expected = valid_batch(torch.from_numpy(square.copy()).permute(2, 0, 1)[None].contiguous(), size=16)
+    assert torch.equal(classifier.inputs([str(path)]), expected)
+    assert classifier.inputs([str(path)]).shape == (1, 3, 16, 16)
+
+
+def test_bad_inputs_get_one_clear_error(classifier, tmp_path):
+    with pytest.raises(PetpipeError, match="needs a column 'image'"):
+        classifier(pd.DataFrame({"path": ["x.png"]}))
+    with pytest.raises(PetpipeError, match="neither an existing file nor base64"):
+        classifier(pd.DataFrame({"image": [str(tmp_path / "missing.png")]}))
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(PetpipeError, match="cannot be decoded"):
+        classifier(pd.DataFrame({"image": [str(tmp_path / "text.png")]}))
