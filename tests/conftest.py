@@ -7,6 +7,7 @@ import http.server
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -176,40 +177,60 @@ def mlflow_store(mlflow_template, tmp_path) -> str:
     return uri
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory, mlflow_template):
-    """A real `mlflow server` process on 127.0.0.1 with its own sqlite store and artifact folder."""
-    home = tmp_path_factory.mktemp("mlflow-server")
-    copy_store(mlflow_template, home / "mlflow.db")
+def start_mlflow_server(home: Path) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on 127.0.0.1 over ``home``'s mlflow.db, in a process group of its own
+    (it starts uvicorn, a job runner and queue consumers: ``stop_mlflow_server`` ends them all)."""
     port = free_port()
-    log = open(home / "server.log", "w")
+    log = open(home / "server.log", "a")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=home,
+        stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True,
     )  # fmt: skip
+    log.close()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc, url
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            stop_mlflow_server(proc)
             raise RuntimeError(f"mlflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
+
+
+def stop_mlflow_server(proc: subprocess.Popen) -> None:
+    """Stop the server and every process it started (SIGTERM to the group, SIGKILL after 10 s)."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # anyone of the group left?
+            except ProcessLookupError:
+                proc.poll()
+                return
+            proc.poll()  # reap the leader
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, mlflow_template):
+    """A real `mlflow server` process on 127.0.0.1 with its own sqlite store and artifact folder."""
+    home = tmp_path_factory.mktemp("mlflow-server")
+    copy_store(mlflow_template, home / "mlflow.db")
+    proc, url = start_mlflow_server(home)
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_mlflow_server(proc)
 
 
 def copy_project(dest: Path) -> Path:

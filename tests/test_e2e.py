@@ -9,6 +9,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -202,18 +203,57 @@ def test_speed_only_params_rerun_nothing(repo):
         run(["git", "checkout", "params.yaml"], repo)
 
 
-def test_queued_experiment_logs_to_the_repository_store(repo):
-    """A queued experiment runs in a temporary copy under .dvc/tmp; its runs land in the repo's store."""
+def queue_status(repo: Path) -> dict[str, str]:
+    """`dvc queue status` (a table: task, name, created, status) as {experiment name: status}."""
+    lines = run(["dvc", "queue", "status"], repo).stdout.splitlines()
+    rows = [line.split() for line in lines[1:] if line.strip() and not line.startswith("Worker status")]
+    return {row[1]: row[-1] for row in rows if len(row) >= 3}
+
+
+def wait_for_the_queue(repo: Path, timeout: float = 420) -> dict[str, str]:
+    """Poll `dvc queue status` until nothing is queued or running (or ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = queue_status(repo)
+        if not {"Queued", "Running"} & set(status.values()) or time.monotonic() > deadline:
+            return status
+        time.sleep(2)
+
+
+def test_two_queued_experiments_side_by_side_are_two_executions_in_the_repository_store(repo):
+    """`dvc queue start -j 2`: each experiment runs in its own temporary copy under .dvc/tmp, at the same
+    time; each is one parent run with its own stage runs, all in the repo's store."""
     before = runs_by_stage(repo)
-    run(["dvc", "exp", "run", "--queue", "-n", "queued", "-S", "finetune.epochs=3"], repo)
-    run(["dvc", "exp", "run", "--run-all"], repo)
-    assert new_runs(repo, before) == {"finetune": 1, "report": 1}
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        old_parents = {r for (r,) in db.execute("SELECT run_uuid FROM tags WHERE key = 'petpipe.kind' AND value = 'pipeline'")}
+    for name, epochs in (("queued-a", 2), ("queued-b", 3)):
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"finetune.epochs={epochs}"], repo)
+    run(["dvc", "queue", "start", "-j", "2"], repo)
+    status = wait_for_the_queue(repo)
+    run(["dvc", "queue", "stop"], repo)  # nothing is left to run; no worker outlives the test
+    assert status == {"queued-a": "Success", "queued-b": "Success"}, status
+    assert new_runs(repo, before) == {"finetune": 2, "report": 2}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     with sqlite3.connect(repo / "mlflow.db") as db:
+        parents = {
+            run_id: (name, start, end)
+            for run_id, name, start, end in db.execute(
+                "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "WHERE t.key = 'petpipe.kind' AND t.value = 'pipeline'"
+            )
+            if run_id not in old_parents
+        }
+        children = {
+            parent: sorted(n for (n,) in db.execute("SELECT r.name FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                                                   "WHERE t.key = 'mlflow.parentRunId' AND t.value = ?", (parent,)))
+            for parent in parents
+        }  # fmt: skip
         uris = [u for (u,) in db.execute("SELECT artifact_uri FROM runs WHERE name = 'finetune'")]
-        tags = [t for (t,) in db.execute("SELECT t.value FROM tags t JOIN runs r ON t.run_uuid = r.run_uuid WHERE r.name = 'finetune' AND t.key = 'dvc.exp_name'")]
+    assert sorted(name for name, _, _ in parents.values()) == ["queued-a", "queued-b"]  # the parent is named after the experiment
+    assert list(children.values()) == [["finetune", "report"]] * 2
+    (_, start_a, end_a), (_, start_b, end_b) = parents.values()
+    assert start_a < end_b and start_b < end_a, "the two experiments did not run side by side"
     assert all(u.startswith((repo / "mlartifacts").resolve().as_uri()) for u in uris), uris
-    assert "queued" in tags
 
 
 def test_dataset_travels_through_a_dvc_remote(repo, tmp_path):

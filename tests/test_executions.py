@@ -9,13 +9,12 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
-from conftest import BIN, ROOT, copy_store, free_port, make_tarball, write_folder_dataset
+from conftest import BIN, ROOT, copy_store, free_port, make_tarball, start_mlflow_server, stop_mlflow_server, write_folder_dataset
 from mlflow.tracking import MlflowClient
 from test_stage_spec import load_stage
 
@@ -204,38 +203,18 @@ def test_an_unreachable_server_fails_fast_with_one_line(tmp_path, monkeypatch, c
     assert uri in err and "unset MLFLOW_TRACKING_URI" in err and not (tmp_path / "dataset").exists()
 
 
-def start_server(home: Path, template: Path | None) -> tuple[subprocess.Popen, str]:
-    """An `mlflow server` on ``home``'s store: a fresh copy of ``template``, or (None) the store already there."""
-    if template is not None:
-        copy_store(template, home / "mlflow.db")
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=home,
-    )  # fmt: skip
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("mlflow server did not start")
-
-
 def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journal(tmp_path, monkeypatch, capsys, mlflow_template, presized_store):
     import torch
 
     import petpipe.training as training
 
-    proc, url = start_server(tmp_path / "server", mlflow_template)
+    home = tmp_path / "server"
+    home.mkdir()
+    proc, url = start_mlflow_server(copy_store(mlflow_template, home / "mlflow.db").parent)
     real_fit = training.fit_one_cycle
 
     def fit_after_the_server_dies(*args, **kwargs):
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_mlflow_server(proc)
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(training, "fit_one_cycle", fit_after_the_server_dies)
@@ -251,7 +230,7 @@ def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journa
     try:
         assert load_stage("train_frozen").main(argv) == 0
     finally:
-        proc.kill()
+        stop_mlflow_server(proc)
         mlflow.set_tracking_uri(None)
     assert set(torch.load(tmp_path / "stage1.pt", weights_only=True)) == {"model", "meta"}
     assert "accuracy" in json.loads((tmp_path / "m.json").read_text()) and (tmp_path / "c.csv").read_text().startswith("epoch,")
@@ -261,14 +240,14 @@ def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journa
     calls = [name for name, _ in json.loads(pending[0].read_text())["calls"]]
     assert "log_metrics" in calls and "log_artifact" in calls
     # The server is back: the documented command logs what the stage kept, as a run of the same execution.
-    proc, url = start_server(tmp_path / "server", None)
+    proc, url = start_mlflow_server(home)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    monkeypatch.chdir(tmp_path / "server")  # replay works from anywhere: it goes to the journal's folder
+    monkeypatch.chdir(home)  # replay works from anywhere: it goes to the journal's folder
     try:
         run_id = replay(pending[0])
         replayed = MlflowClient(url).get_run(run_id)
     finally:
-        proc.kill()
+        stop_mlflow_server(proc)
         mlflow.set_tracking_uri(None)
     assert not pending[0].exists() and replayed.info.status == "FINISHED" and replayed.data.tags["petpipe.execution"] == "outage"
     assert replayed.data.metrics["accuracy"] == json.loads((tmp_path / "m.json").read_text())["accuracy"]

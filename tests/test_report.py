@@ -123,7 +123,6 @@ def test_figures_are_byte_reproducible():
 
 def test_report_stage_on_a_tiny_store(presized_store, tmp_path, monkeypatch, mlflow_store):
     """The real stage script: real predictions on a 3-class store; every output written, logged, and reproducible."""
-    from petpipe import tracking
     from petpipe.engine import save_checkpoint
     from petpipe.files import write_json, write_rows
     from petpipe.model import build_model

@@ -4,7 +4,6 @@ examples and JSON requests carry bytes) give the same answer as the validation p
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 
 import pandas as pd
 import pytest

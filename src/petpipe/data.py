@@ -46,7 +46,7 @@ class SquareCrops(Dataset):
     def __getitem__(self, key: tuple[int, float]) -> tuple[torch.Tensor, int]:
         i, position = key
         index = int(self.positions[i])
-        return torch.from_numpy(np.ascontiguousarray(self.store.square(index, position))), int(self.store.labels[index])
+        return torch.from_numpy(np.array(self.store.square(index, position))), int(self.store.labels[index])  # a copy: the store is read-only
 
     def __getitems__(self, keys: list[tuple[int, float]]) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.store.size
