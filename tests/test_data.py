@@ -87,3 +87,22 @@ def test_auto_workers():
     assert resolve_workers("auto", torch.device("cpu")) == 0
     assert resolve_workers(3, torch.device("cpu")) == 3
     assert 0 <= resolve_workers("auto", torch.device("cuda")) <= 8
+
+
+def unstaged(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What the loader should yield, batch by batch, without staging one ahead."""
+    return [(loader.transform(x.to(loader.runtime.device)), y.to(loader.runtime.device)) for x, y in loader.loader]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_staging_one_batch_ahead_changes_nothing(presized_store, device):
+    """Batch i+1 is staged (on CUDA: on a side stream) before batch i is handed out: same batches, same order, every epoch."""
+    runtime = make_runtime(device, "fp32")
+    made = lambda: make_loader(PresizedStore(presized_store), "train", runtime, size=16, batch_size=8, num_workers=0,  # noqa: E731
+                               augment=AugmentParams(), generator=torch.Generator().manual_seed(3))  # fmt: skip
+    staged, reference = made(), made()
+    for _ in range(2):
+        got, expected = batches(staged), unstaged(reference)
+        assert len(got) == len(expected) == 36 // 8
+        for (x0, y0), (x1, y1) in zip(got, expected):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)

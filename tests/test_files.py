@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from petpipe.files import atomic_open, current_umask, replace_dir, write_json, write_text
+from petpipe.files import atomic_open, current_umask, replace_dir, staged_dir, write_json, write_text
 
 
 def test_atomic_write_replaces_whole_files_with_the_usual_mode(tmp_path):
@@ -34,3 +34,19 @@ def test_replace_dir_swaps_folders(tmp_path):
     replace_dir(new, old)
     assert [p.name for p in old.iterdir()] == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["dataset"]
     assert stat.S_IMODE(old.stat().st_mode) == 0o777 & ~current_umask()
+
+
+def test_staged_dir_replaces_the_folder_only_when_the_block_succeeds(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_dir(dest) as staging:
+            (staging / "new.txt").write_text("half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (dest / "old.txt").read_text() == "old"
+    with staged_dir(dest, promote=lambda staging: staging / "top") as staging:
+        (staging / "top").mkdir()
+        (staging / "top" / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in dest.iterdir()] == ["new.txt"]
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o777 & ~current_umask()

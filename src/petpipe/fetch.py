@@ -21,12 +21,10 @@ import hashlib
 import http.client
 import lzma
 import os
-import shutil
 import socket
 import ssl
 import sys
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -40,7 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from petpipe.errors import PetpipeError
-from petpipe.files import replace_dir
+from petpipe.files import staged_dir
 
 try:  # POSIX: parallel fetches of one URL (queued experiments) take turns on the cache folder
     import fcntl
@@ -379,19 +377,18 @@ def extract(archive: Path, dest: Path, *, max_members: int | None = None, max_un
     A single top-level folder in the archive (``oxford-iiit-pet/``) is stripped, so ``dest`` holds
     the dataset itself.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with staged_dir(dest, promote=dataset_root) as staging:
         _unpack(archive, staging, Limits(archive, max_members, max_unpacked_bytes))
-        entries = [p for p in staging.iterdir() if p.name not in ("__MACOSX",) and not p.name.startswith("._")]
-        content = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
-        files = sum(1 for p in content.rglob("*") if p.is_file())
+        files = sum(1 for p in dataset_root(staging).rglob("*") if p.is_file())
         if files == 0:
             raise FetchError(f"data.url: archive {archive} holds no files")
-        replace_dir(content, dest)
-        return files
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return files
+
+
+def dataset_root(extracted: Path) -> Path:
+    """The archive's single top-level folder if it has one (macOS metadata aside), else ``extracted`` itself."""
+    entries = [p for p in extracted.iterdir() if p.name not in ("__MACOSX",) and not p.name.startswith("._")]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else extracted
 
 
 @dataclass

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -62,6 +62,20 @@ def replace_dir(src: Path, dest: Path) -> None:
     os.replace(src, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(dest: Path, promote: Callable[[Path], Path] | None = None) -> Iterator[Path]:
+    """A new folder beside ``dest`` to fill; when the block ends normally it replaces ``dest`` as a
+    whole (or ``promote(staging)`` does: a folder inside it, e.g. an archive's single top folder).
+    On an error it is removed and ``dest`` stays as it was: no half-written folder looks complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield staging
+        replace_dir(promote(staging) if promote else staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def hash_file(digest: Any, path: Path) -> Any:

@@ -27,8 +27,6 @@ import functools
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
@@ -40,7 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from petpipe.errors import PetpipeError
-from petpipe.files import replace_dir, write_rows
+from petpipe.files import staged_dir, write_rows
 
 FORMAT = "petpipe-presized-v1"
 SPLITS = ("train", "valid")  # split code = position in this tuple
@@ -153,9 +151,7 @@ def write_store(
     """
     check_items(items, size=size, workers=workers)
     start = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging:
         records, paths, skipped, offset = [], [], [], 0
         decoded = _decoded([path for path, _, _ in items], root=root, size=size, workers=workers)
         bar = tqdm(decoded, total=len(items), desc="presize", unit="img", mininterval=1.0, disable=not progress)
@@ -179,9 +175,6 @@ def write_store(
         meta = {"format": FORMAT, "size": size, "n_images": len(records), **counts, "n_skipped": len(skipped), "bytes": offset,
                 "classes": list(classes)}
         write_plain_json(staging / META_FILE, meta)
-        replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return PresizeResult(len(records), len(skipped), skipped, offset, time.perf_counter() - start)
 
 

@@ -7,8 +7,6 @@ It takes plain arrays and rows, so tests build a report for any number of classe
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from petpipe import interpret as it
-from petpipe.files import replace_dir, write_bytes, write_json, write_rows, write_text
+from petpipe.files import staged_dir, write_bytes, write_json, write_rows, write_text
 from petpipe import report as rp
 from petpipe import report_figures as rf
 from petpipe.report import DataInfo, LrInfo, RunInfo
@@ -124,16 +122,11 @@ def confusion_figures(cm: np.ndarray, classes: list[str]) -> dict[str, bytes]:
 def write_report(report: Report, *, out_dir: Path, predictions: Path, html_path: Path, summary: Path, metrics: Path) -> list[Path]:
     """Write every file of ``report``; returns them. ``out_dir`` (figures, tables) is replaced as a whole,
     so no file of an earlier report lingers there, and no half-written folder is left on an error."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as staging:
         for name, png in report.figures.items():
             write_bytes(staging / f"{name}.png", png)
         for name, (rows, columns) in report.tables.items():
             write_rows(staging / f"{name}.csv", rows, columns=columns)
-        replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     write_rows(predictions, report.predictions, columns=PREDICTION_COLUMNS)
     write_text(html_path, report.html)
     write_text(summary, report.summary)
