@@ -29,11 +29,20 @@ def figure_png(fig: plt.Figure, dpi: int = DPI) -> bytes:
     return buffer.getvalue()
 
 
-def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], suggestions: dict[str, float]) -> bytes:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lrs, losses)
-    ax.set(xscale="log", xlabel="Learning rate", ylabel="Loss (smoothed)", title="LR range test")
-    for (name, lr), marker in zip(suggestions.items(), "ov^s"):
+def lr_find_figure(
+    lrs: Sequence[float], losses: Sequence[float], suggestions: dict[str, float], chosen: tuple[float, float] | None = None,
+    group_lrs: Sequence[float] = (),
+) -> bytes:  # fmt: skip
+    """The LR range test with its suggestions; with ``chosen``, the fine-tuning LRs [lo, hi] shaded
+    and one line per layer group's peak LR (``group_lrs``), as the report shows it."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(lrs, losses, color="#4c78a8")
+    if chosen is not None:
+        ax.axvspan(*chosen, color="#f58518", alpha=0.15, label=f"fine-tuning LRs: {chosen[0]:.2e} .. {chosen[1]:.2e}")
+    for lr in group_lrs:
+        ax.axvline(lr, color="#f58518", linewidth=1)
+    for (name, lr), marker in zip(suggestions.items(), "ov^sD"):
         ax.plot(lr, np.interp(np.log(lr), np.log(lrs), losses), marker, label=f"{name}: {lr:.2e}")
-    ax.legend()
+    ax.set(xscale="log", xlabel="Learning rate", ylabel="Loss (smoothed)", title="LR range test")
+    ax.legend(fontsize=8)
     return figure_png(fig)

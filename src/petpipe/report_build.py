@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from petpipe import interpret as it
+from petpipe.figures import lr_find_figure
 from petpipe.files import staged_dir, write_bytes, write_json, write_rows, write_text
 from petpipe import report as rp
 from petpipe import report_figures as rf
@@ -60,7 +61,7 @@ def build_report(run: RunInfo, data: DataInfo, lr: LrInfo, preds: Predictions, *
         "show_batch": rf.image_grid(data.batch, data.batch_labels, "A training batch: augmented, as the model saw it"),
         "class_counts": rf.class_counts_figure(classes, [r["train"] for r in data.counts], [r["valid"] for r in data.counts]),
         "curves": rf.curves_figure(run.curves),
-        "lr_find": rf.lr_finder_figure(lr.lrs, lr.losses, lr.suggestions, (lr.lo, lr.hi), lr.group_lrs),
+        "lr_find": lr_find_figure(lr.lrs, lr.losses, lr.suggestions, (lr.lo, lr.hi), lr.group_lrs),
         **confusion_figures(cm, classes),
         "top_losses": rf.image_grid(
             preds.inputs(worst), [f"{rf.pair_title(r['predicted'], r['actual'])}\n{r['loss']:.2f} / {r['probability']:.2f}" for r in worst_rows],

@@ -87,22 +87,6 @@ def curves_figure(stages: dict[str, list[dict[str, float]]]) -> bytes:
     return figure_png(fig)
 
 
-def lr_finder_figure(
-    lrs: Sequence[float], losses: Sequence[float], suggestions: dict[str, float], chosen: tuple[float, float], group_lrs: Sequence[float]
-) -> bytes:  # fmt: skip
-    """The LR range test with its suggestions and the fine-tuning LRs: [lo, hi] shaded, one tick per layer group."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(lrs, losses, color="#4c78a8")
-    ax.axvspan(*chosen, color="#f58518", alpha=0.15, label=f"fine-tuning LRs: {chosen[0]:.2e} .. {chosen[1]:.2e}")
-    for lr in group_lrs:
-        ax.axvline(lr, color="#f58518", linewidth=1)
-    for (name, lr), marker in zip(suggestions.items(), "ov^sD"):
-        ax.plot(lr, np.interp(np.log(lr), np.log(lrs), losses), marker, label=f"{name}: {lr:.2e}")
-    ax.set(xscale="log", xlabel="Learning rate", ylabel="Loss (smoothed)", title="LR range test")
-    ax.legend(fontsize=8)
-    return figure_png(fig)
-
-
 def confusion_figure(cm: np.ndarray, classes: Sequence[str], *, title: str, normalised: bool = False) -> bytes:
     """Rows actual, columns predicted; counts, or row shares (``normalised``) printed in the cells."""
     n = len(classes)
