@@ -159,9 +159,10 @@ def build_store(dataset: Path, data: str, store_dir: Path, *, presize: int, seed
     """Label ``dataset`` as the pipeline would and presize it; returns (decode images/s, n_train, n_valid)."""
     if data == "pets-like":
         table = make_table(dataset, rule="regex", images_dir="images", pattern=PETS_PATTERN, match_on="name", csv_name=None,
-                           valid_pct=VALID_PCT, seed=seed)  # fmt: skip
+                           valid_pct=VALID_PCT, seed=seed, split="random")  # fmt: skip
     else:
-        table = make_table(dataset, rule="folder", images_dir=".", pattern=None, match_on="name", csv_name=None, valid_pct=VALID_PCT, seed=seed)
+        table = make_table(dataset, rule="folder", images_dir=".", pattern=None, match_on="name", csv_name=None, valid_pct=VALID_PCT, seed=seed,
+                           split="folder")  # fmt: skip
     index = {name: i for i, name in enumerate(table.classes)}
     items = [(item.path, index[item.label], item.split) for item in table.items]
     result = write_store(dataset, items, store_dir, size=presize, workers=default_workers(), classes=table.classes)

@@ -39,7 +39,6 @@ def test_folder_rule_uses_parent_as_label_and_train_valid_folders_as_split(folde
     assert table.counts() == {"n_train": 24, "n_valid": 9, "n_classes": 3, "n_skipped": 0}
     item = next(i for i in table.items if i.path == "valid/red/1.png")
     assert (item.label, item.split) == ("red", "valid")
-    assert table_for(folder_dataset, rule="folder").items == table.items  # the library default takes the data's own split
 
 
 def test_folder_rule_counts_folders_from_images_dir(tmp_path):
@@ -127,7 +126,6 @@ def test_csv_rule_with_is_valid_column_and_missing_rows(folder_dataset):
     assert table.classes == ["BLUE", "GREEN", "RED"]
     assert table.counts() == {"n_train": 24, "n_valid": 9, "n_classes": 3, "n_skipped": 1}
     assert table.skipped[0][0] == "train/red/999.png"
-    assert table_for(folder_dataset, rule="csv", csv_name="labels.csv").items == table.items  # library default: the column
     assert table_for(folder_dataset, rule="csv", csv_name="labels.csv", split="random", valid_pct=0.5).counts()["n_valid"] == 16
 
 
@@ -292,7 +290,7 @@ def test_empty_validation_split_is_an_error(tmp_path):
 
 def test_missing_images_dir(folder_dataset):
     with pytest.raises(LabelError, match="labels.images_dir: 'images' is not a folder"):
-        table_for(folder_dataset, rule="folder", images_dir="images")
+        table_for(folder_dataset, rule="folder", images_dir="images", split="folder")
 
 
 def test_table_round_trip(folder_dataset, tmp_path):

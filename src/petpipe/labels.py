@@ -55,18 +55,13 @@ class LabelTable:
 
 def make_table(
     root: Path, *, rule: str, images_dir: str, pattern: str | None, match_on: str, csv_name: str | None, valid_pct: float, seed: int,
-    function: str | None = None, split: str | None = None, valid_file: str | None = None, train_file: str | None = None,
-    code_root: Path | None = None,
+    split: str, function: str | None = None, valid_file: str | None = None, train_file: str | None = None, code_root: Path | None = None,
 ) -> LabelTable:  # fmt: skip
-    """Label and split the images under ``root/images_dir``.
+    """Label (``rule``) and split (``split``: random, folder, column or file) the images under ``root/images_dir``.
 
-    ``split`` None (the default for callers that predate it) takes the data's own split where it has
-    one (``train/`` and ``valid/`` folders, a csv ``is_valid`` column), else a random one.
     ``code_root`` is where ``function`` is imported from (default: the working directory).
     """
     paths = image_files(root, images_dir)
-    if split is None:
-        split = _own_split(root, rule, csv_name, paths, images_dir)
     if rule == "folder":
         items, skipped = label_by_folder(paths, images_dir, split_folders=split == "folder")
     elif rule == "regex":
@@ -111,17 +106,6 @@ def image_files(root: Path, images_dir: str) -> list[str]:
 def within_images_dir(path: str, images_dir: str) -> PurePosixPath:
     """``images/train/a.jpg`` -> ``train/a.jpg`` for images_dir ``images``."""
     return PurePosixPath(path).relative_to(PurePosixPath(images_dir)) if PurePosixPath(images_dir).parts else PurePosixPath(path)
-
-
-def _own_split(root: Path, rule: str, csv_name: str | None, paths: list[str], images_dir: str) -> str:
-    if rule == "csv" and csv_name and (root / csv_name).is_file():
-        with open(root / csv_name, newline="", encoding="utf-8-sig") as f:
-            if "is_valid" in (next(csv.reader(f), None) or []):
-                return "column"
-    skip = 2 if rule == "folder" else 1  # the folder rule's own folder is the label, not a split
-    if any(set(within_images_dir(p, images_dir).parts[:-skip]) & set(SPLITS) for p in paths):
-        return "folder"
-    return "random"
 
 
 # --- labelling rules -------------------------------------------------------------------------

@@ -295,12 +295,15 @@ class StageRun:
 
     def log_input_files(self, inputs: dict[str, Path], dataset: Path | None) -> None:
         """Digests of the input files, the runs that produced them, and ``dataset`` as an MLflow dataset input."""
-        digests = {str(p): _digest(p) for p in inputs.values()}
+        locked = lineage.locked_digests(Path(lineage.LOCK_FILE)) if os.environ.get("DVC_STAGE") else {}
+        digests = {str(p): _digest(p, locked) for p in inputs.values()}
         tags = {f"petpipe.input.{path}": d for path, d in digests.items() if d}
-        for path, digest in digests.items():
-            producer = self._producer(path, digest) if digest else None
-            if producer:
-                tags[f"petpipe.upstream.{path}"] = producer
+        if not self.offline:
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            for path, digest in digests.items():
+                producer = digest and find_producer(self.client, experiment_id, path, digest)
+                if producer:
+                    tags[f"petpipe.upstream.{path}"] = producer
         self.set_tags(tags)
         if dataset is not None and digests.get(str(dataset)):
             self.log_dataset(dataset, digests[str(dataset)])
@@ -314,27 +317,21 @@ class StageRun:
         self.set_tags({f"petpipe.output.{p}": d for p, d in digests.items()})
         return digests
 
-    def _producer(self, path: str, digest: str) -> str | None:
-        if self.offline:
-            return None
-        try:
-            found = self.client.search_runs(
-                [self.client.get_run(self.run_id).info.experiment_id], filter_string=f"{_quote('petpipe.output.' + path)} = '{digest}'",
-                max_results=1, order_by=["attributes.start_time DESC"],
-            )  # fmt: skip
-        except Exception:
-            return None
-        return found[0].info.run_id if found else None
+
+def _digest(path: Path, locked: dict[str, str]) -> str | None:
+    """DVC's digest of ``path``: from ``locked`` (dvc.lock, which DVC writes for each stage before
+    starting the next, when it runs this stage), else computed."""
+    return locked.get(Path(path).as_posix()) or lineage.dvc_digest(Path(path))
 
 
-def _digest(path: Path) -> str | None:
-    """DVC's digest of ``path``: from dvc.lock when DVC runs this stage (it writes each stage's entry
-    before starting the next), else computed."""
-    if os.environ.get("DVC_STAGE"):
-        locked = lineage.locked_digests(Path(lineage.LOCK_FILE)).get(Path(path).as_posix())
-        if locked:
-            return locked
-    return lineage.dvc_digest(Path(path))
+def find_producer(client: MlflowClient, experiment_id: str, path: str, digest: str) -> str | None:
+    """The latest run that logged ``digest`` as its output ``path`` (None if none, or the search fails)."""
+    try:
+        found = client.search_runs([experiment_id], filter_string=f"{_quote('petpipe.output.' + path)} = '{digest}'", max_results=1,
+                                   order_by=["attributes.start_time DESC"])  # fmt: skip
+    except Exception:
+        return None
+    return found[0].info.run_id if found else None
 
 
 def _log_dataset(run_id: str, path: Path, digest: str) -> None:
@@ -476,10 +473,9 @@ def link_skipped_stages(client: MlflowClient, experiment_id: str, parent_id: str
             continue
         for out in spec["outs"]:
             if out in locked:
-                found = client.search_runs([experiment_id], filter_string=f"{_quote('petpipe.output.' + out)} = '{locked[out]}'", max_results=1,
-                                           order_by=["attributes.start_time DESC"])  # fmt: skip
-                if found:
-                    client.set_tag(parent_id, f"petpipe.run.{name}", found[0].info.run_id)
+                producer = find_producer(client, experiment_id, out, locked[out])
+                if producer:
+                    client.set_tag(parent_id, f"petpipe.run.{name}", producer)
                 break
 
 
