@@ -5,8 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from petpipe.config import Config, flatten, select
-from petpipe.stage import TRAINING_DATA, stage_main
+# This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from petpipe.config import Config, flatten, select  # noqa: E402
+from petpipe.stage import TRAINING_DATA, stage_main  # noqa: E402
 
 PARAMS = (
     "seed", "device", "precision", "distributed.nproc_per_node", "distributed.nnodes", "distributed.backend", "train.size", "train.batch_size",
@@ -18,12 +21,13 @@ def run(
     cfg: Config, *, presized: Path, checkpoint: Path, chosen_lr: Path, final: Path, metrics: Path, plot: Path
 ) -> dict:  # fmt: skip
     from petpipe.data import make_loaders
+    from petpipe.engine import restore
     from petpipe.finetune_lr import read_chosen_lr
     from petpipe.model import layer_groups, unfreeze
-    from petpipe.schedule import discriminative_lrs
     from petpipe.resume import resume_point
+    from petpipe.schedule import discriminative_lrs
     from petpipe.tracking import preflight
-    from petpipe.training import augment_params, fit_and_record, prepare, restore
+    from petpipe.training import augment_params, fit_and_record, prepare
 
     preflight()  # the tracking server answers, or one line and no work
     runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend)

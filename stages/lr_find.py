@@ -5,8 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from petpipe.config import Config, flatten, select
-from petpipe.stage import TRAINING_DATA, stage_main
+# This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from petpipe.config import Config, flatten, select  # noqa: E402
+from petpipe.stage import TRAINING_DATA, stage_main  # noqa: E402
 
 PARAMS = (
     "seed", "device", "precision", "train.size", "train.batch_size", "train.augment", "train.weight_decay",
@@ -16,13 +19,14 @@ PARAMS = (
 
 def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Path, figure: Path) -> dict:
     from petpipe.data import make_loaders
+    from petpipe.engine import restore
+    from petpipe.figures import lr_find_figure
     from petpipe.files import write_bytes, write_json, write_rows
     from petpipe.finetune_lr import auto_max_lr
     from petpipe.lr_find import lr_range_test, suggest
     from petpipe.model import unfreeze
-    from petpipe.figures import lr_find_figure
     from petpipe.tracking import preflight, stage_run
-    from petpipe.training import augment_params, prepare, restore
+    from petpipe.training import augment_params, prepare
 
     preflight()  # the tracking server answers, or one line and no work
     runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)

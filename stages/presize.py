@@ -8,8 +8,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from petpipe.config import Config, flatten, select
-from petpipe.stage import stage_main
+# This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from petpipe.config import Config, flatten, select  # noqa: E402
+from petpipe.stage import stage_main  # noqa: E402
 
 PARAMS = ("presize.size",)
 

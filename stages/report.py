@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from petpipe.config import Config, flatten, load_config, select
-from petpipe.stage import TRAINING_DATA, stage_main
+# This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from petpipe.config import Config, flatten, load_config, select  # noqa: E402
+from petpipe.stage import TRAINING_DATA, stage_main  # noqa: E402
 
 PARAMS = (
     "seed", "device", "precision", "data.url", "labels", "presize.size", "train.arch", "train.weights", "train.size", "train.batch_size",
@@ -49,12 +52,12 @@ def run(
     from petpipe import report_inputs as ri
     from petpipe.data import make_loader
     from petpipe.device import make_runtime
-    from petpipe.engine import classification_metrics, predict
+    from petpipe.engine import classification_metrics, predict, restore
     from petpipe.interpret import Interpretation
     from petpipe.model import layer_groups
     from petpipe.presize import PresizedStore
     from petpipe.tracking import preflight, stage_run
-    from petpipe.training import augment_params, restore
+    from petpipe.training import augment_params
 
     started = time.perf_counter()
     preflight()  # the tracking server answers, or one line and exit 2, before any work

@@ -5,8 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from petpipe.config import Config, flatten, select
-from petpipe.stage import TRAINING_DATA, stage_main
+# This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from petpipe.config import Config, flatten, select  # noqa: E402
+from petpipe.stage import TRAINING_DATA, stage_main  # noqa: E402
 
 PARAMS = (
     "seed", "device", "precision", "distributed.nproc_per_node", "distributed.nnodes", "distributed.backend", "train.arch", "train.weights",

@@ -175,8 +175,13 @@ def test_editing_one_module_reruns_only_the_stages_that_import_it(repo):
         assert list(status) == ["report"]
         module.write_text(original.replace("h1{margin-bottom:.2em}", "h1{margin-bottom:.3em}"))
         assert list(json.loads(run(["dvc", "status", "--json"], repo).stdout)) == ["report"]
+        # The stage runs this checkout's module (not the installed petpipe, which is another copy).
+        assert ran_stages(run(["dvc", "repro"], repo)) == ["report"]
+        assert "h1{margin-bottom:.3em}" in (repo / "reports/report.html").read_text()
     finally:
         module.write_text(original)
+        run(["git", "checkout", "--", "dvc.lock"], repo)
+        run(["dvc", "checkout", "report"], repo)
     assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
 
 

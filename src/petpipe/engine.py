@@ -18,7 +18,7 @@ from petpipe.device import Runtime
 from petpipe.distributed import mean_over_ranks, world_size
 from petpipe.errors import PetpipeError
 from petpipe.files import atomic_open
-from petpipe.model import NORM_TYPES, layer_groups
+from petpipe.model import NORM_TYPES, build_model, layer_groups
 from petpipe.resume import ResumePoint, load_state, rng_states, save_state, set_rng_states
 from petpipe.schedule import OneCycle
 
@@ -198,3 +198,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise PetpipeError(f"checkpoint {path} does not exist: run the stage that writes it (dvc repro)") from None
     except Exception as err:
         raise PetpipeError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); re-run the stage that writes it") from None
+
+
+def restore(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Model rebuilt from a petpipe checkpoint (architecture from its metadata, weights from it)."""
+    state = load_checkpoint(checkpoint)
+    meta = state["meta"]
+    model = build_model(meta["arch"], len(meta["classes"]), weights="none")
+    model.load_state_dict(state["model"])
+    return model, meta

@@ -20,9 +20,8 @@ import torch
 
 from petpipe.augment import valid_batch
 from petpipe.data import CENTRE
-from petpipe.engine import load_checkpoint
+from petpipe.engine import restore
 from petpipe.errors import PetpipeError
-from petpipe.model import build_model
 from petpipe.presize import decode_presized
 
 IMAGE_COLUMN = "image"
@@ -40,14 +39,11 @@ class ImageClassifier:
     """A checkpoint's model in eval mode on the CPU, with the preprocessing it was trained with."""
 
     def __init__(self, checkpoint: Path, presize_size: int):
-        state = load_checkpoint(Path(checkpoint))
-        meta = state["meta"]
+        self.model, meta = restore(Path(checkpoint))
+        self.model.eval()
         self.classes: list[str] = list(meta["classes"])
         self.size: int = int(meta["size"])
         self.presize_size = int(presize_size)
-        self.model = build_model(meta["arch"], len(self.classes), weights="none")
-        self.model.load_state_dict(state["model"])
-        self.model.eval()
 
     def pixels(self, image: Any) -> np.ndarray:
         source = io.BytesIO(as_bytes(image)) if not is_path(image) else Path(str(image))

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 from petpipe.augment import AugmentParams
 from petpipe.device import Runtime, make_runtime, seed_everything
 from petpipe.distributed import destroy_process_group, init_process_group, is_main, rank, world_size
-from petpipe.engine import fit_one_cycle, load_checkpoint, save_checkpoint
+from petpipe.engine import fit_one_cycle, save_checkpoint
 from petpipe.files import write_json, write_rows
-from petpipe.model import build_model, count_trainable
+from petpipe.model import count_trainable
 from petpipe.resume import ResumePoint, clear_state
 from petpipe.tracking import StageRun, stage_run
 
@@ -37,15 +37,6 @@ def prepare(*, device: str, precision: str, seed: int, backend: str = "auto") ->
     init_process_group(backend, runtime.device)
     atexit.register(destroy_process_group)
     return runtime, seed_everything(seed)
-
-
-def restore(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Model rebuilt from a petpipe checkpoint (architecture from its metadata, weights from it)."""
-    state = load_checkpoint(checkpoint)
-    meta = state["meta"]
-    model = build_model(meta["arch"], len(meta["classes"]), weights="none")
-    model.load_state_dict(state["model"])
-    return model, meta
 
 
 def fit_and_record(
