@@ -80,6 +80,16 @@ def presized_shape(width: int, height: int, size: int) -> tuple[int, int]:
     return (size, scaled) if width <= height else (scaled, size)
 
 
+def square_of(image: np.ndarray, size: int, position: float) -> np.ndarray:
+    """The ``size`` x ``size`` square of a presized image (shorter side ``size``) at ``position`` along
+    its long side: 0 = top / left, 0.5 = centre, 1 = bottom / right (fastai's ``Resize`` crop)."""
+    if not 0.0 <= position <= 1.0:
+        raise ValueError(f"position must be in [0, 1], got {position}")
+    height, width = image.shape[:2]
+    start = round(position * (max(height, width) - size))
+    return image[start : start + size] if height > width else image[:, start : start + size]
+
+
 def decode_presized(path: Path, size: int) -> np.ndarray:
     """Fully decode ``path``, apply its EXIF orientation, convert to RGB, shorter side to ``size``.
 
@@ -258,11 +268,4 @@ class PresizedStore:
 
         0 = top / left, 0.5 = centre, 1 = bottom / right: fastai's ``Resize`` crop, already resized.
         """
-        if not 0.0 <= position <= 1.0:
-            raise ValueError(f"position must be in [0, 1], got {position}")
-        img = self.image(i)
-        height, width = img.shape[:2]
-        start = round(position * (max(height, width) - self.size))
-        if height > width:
-            return img[start : start + self.size]
-        return img[:, start : start + self.size]
+        return square_of(self.image(i), self.size, position)

@@ -22,17 +22,10 @@ from petpipe.augment import valid_batch
 from petpipe.data import CENTRE
 from petpipe.engine import restore
 from petpipe.errors import PetpipeError
-from petpipe.presize import decode_presized
+from petpipe.presize import decode_presized, square_of
 
 IMAGE_COLUMN = "image"
 BATCH = 64
-
-
-def centre_square(image: np.ndarray, size: int) -> np.ndarray:
-    """The centre ``size`` x ``size`` square of an image whose shorter side is ``size`` (the store's validation crop)."""
-    height, width = image.shape[:2]
-    start = round(CENTRE * (max(height, width) - size))
-    return image[start : start + size] if height > width else image[:, start : start + size]
 
 
 class ImageClassifier:
@@ -48,7 +41,7 @@ class ImageClassifier:
     def pixels(self, image: Any) -> np.ndarray:
         source = io.BytesIO(as_bytes(image)) if not is_path(image) else Path(str(image))
         try:
-            return centre_square(decode_presized(source, self.presize_size), self.presize_size)
+            return square_of(decode_presized(source, self.presize_size), self.presize_size, CENTRE)
         except Exception as err:
             raise PetpipeError(f"image {str(image)[:80]!r} cannot be decoded ({type(err).__name__}: {err}); give a file path or the file's bytes") from None
 
