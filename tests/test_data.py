@@ -101,6 +101,9 @@ def test_staging_one_batch_ahead_changes_nothing(presized_store, device):
     made = lambda: make_loader(PresizedStore(presized_store), "train", runtime, size=16, batch_size=8, num_workers=0,  # noqa: E731
                                augment=AugmentParams(), generator=torch.Generator().manual_seed(3))  # fmt: skip
     staged, reference = made(), made()
+    if device == "cuda":  # slow the side stream down: a batch handed out before its event would be read half-made
+        transform = staged.transform
+        staged.transform = lambda images: (torch.cuda._sleep(50_000_000), transform(images))[1]
     for _ in range(2):
         got, expected = batches(staged), unstaged(reference)
         assert len(got) == len(expected) == 36 // 8

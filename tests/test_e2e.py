@@ -235,7 +235,7 @@ def test_two_queued_experiments_side_by_side_are_two_executions_in_the_repositor
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"finetune.epochs={epochs}"], repo)
     run(["dvc", "queue", "start", "-j", "2"], repo)
     status = wait_for_the_queue(repo)
-    run(["dvc", "queue", "stop"], repo)  # nothing is left to run; no worker outlives the test
+    run(["dvc", "queue", "stop", "--kill"], repo)  # nothing should be left running; after a timeout, nothing may outlive the test
     assert status == {"queued-a": "Success", "queued-b": "Success"}, status
     assert new_runs(repo, before) == {"finetune": 2, "report": 2}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))

@@ -242,6 +242,7 @@ def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journa
     # The server is back: the documented command logs what the stage kept, as a run of the same execution.
     proc, url = start_mlflow_server(home)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("PETPIPE_EXECUTION", "a later shell")  # replay takes the execution from the journal
     monkeypatch.chdir(home)  # replay works from anywhere: it goes to the journal's folder
     try:
         run_id = replay(pending[0])
@@ -253,3 +254,36 @@ def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journa
     assert not pending[0].exists() and replayed.info.status == "FINISHED" and replayed.data.tags["petpipe.execution"] == "outage"
     assert replayed.data.metrics["accuracy"] == json.loads((tmp_path / "m.json").read_text())["accuracy"]
     assert replayed.data.params["train_frozen.epochs"] == "1" and len(history) == 1
+
+
+def test_replay_logs_the_final_model_only_if_it_is_the_trained_one_and_registers_nothing(executions, mlflow_server, monkeypatch, capsys):
+    """A finetune journal (as an outage leaves it) is replayed: the model is logged from the journaled
+    example if the checkpoint still has the trained digest, never registered; a changed checkpoint is not logged."""
+    import base64
+
+    from petpipe.serving import example_input
+
+    client, work = executions["client"], executions["work"]
+    final = work / "models/final.pt"
+    example = {"image": [base64.b64encode(b).decode() for b in example_input(work / PATHS["presized"])["image"]]}
+    spec = {"checkpoint": str(final), "presize_size": 24, "example": example, "register_as": REGISTERED, "checkpoint_md5": dvc_digest(final)}
+    pending = work / ".petpipe" / "pending"
+    pending.mkdir(parents=True, exist_ok=True)
+    journals = {}
+    for name, md5 in (("trained", spec["checkpoint_md5"]), ("changed", "0" * 32)):
+        calls = [["log_params", [{"finetune.epochs": 1}]], ["log_image_classifier", [{**spec, "checkpoint_md5": md5}]]]
+        journals[name] = pending / f"finetune-{name}.json"
+        journals[name].write_text(json.dumps({"stage": "finetune", "execution": f"replayed-{name}", "cwd": str(work), "calls": calls}))
+    versions = len(client.search_model_versions(f"name = '{REGISTERED}'"))
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", client.get_experiment(executions["experiment_id"]).name)
+    try:
+        replayed = {name: client.get_run(replay(path)) for name, path in journals.items()}
+    finally:
+        mlflow.set_tracking_uri(None)
+    err = capsys.readouterr().err
+    names = {client.get_logged_model(m.model_id).name for m in replayed["trained"].outputs.model_outputs}
+    assert names == {"model", "image_classifier"} and not replayed["changed"].outputs.model_outputs
+    assert "is not the checkpoint this run trained" in err and "not registered on replay" in err
+    assert len(client.search_model_versions(f"name = '{REGISTERED}'")) == versions

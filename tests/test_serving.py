@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,7 +14,7 @@ from petpipe.augment import valid_batch
 from petpipe.engine import save_checkpoint
 from petpipe.errors import PetpipeError
 from petpipe.model import build_model
-from petpipe.presize import PresizedStore
+from petpipe.presize import PresizedStore, decode_presized
 from petpipe.serving import ImageClassifier, example_input
 
 
@@ -24,6 +25,12 @@ def classifier(presized_store, tmp_path_factory) -> ImageClassifier:
     checkpoint = tmp_path_factory.mktemp("serving") / "final.pt"
     save_checkpoint(checkpoint, build_model("resnet18", len(classes), weights="none"), meta={"arch": "resnet18", "classes": classes, "size": 16})
     return ImageClassifier(checkpoint, presize_size=PresizedStore(presized_store).size)
+
+
+def test_the_example_keeps_a_batch_of_two_with_one_validation_image(presized_store, tmp_path):
+    assert len(example_input(presized_store, count=2)) == 2  # two distinct images when the store has them
+    frame = example_input(presized_store, count=len(PresizedStore(presized_store).indices("valid")) + 3)
+    assert len(frame) == len(PresizedStore(presized_store).indices("valid")) + 3 and frame["image"].iloc[-1] == frame["image"].iloc[0]
 
 
 def test_paths_bytes_and_base64_with_line_breaks_give_the_same_answer(classifier, presized_store):
@@ -49,6 +56,19 @@ def test_the_network_input_is_the_training_validation_batch(classifier, presized
     expected = valid_batch(torch.from_numpy(square.copy()).permute(2, 0, 1)[None].contiguous(), size=16)
     assert torch.equal(classifier.inputs([str(path)]), expected)
     assert classifier.inputs([str(path)]).shape == (1, 3, 16, 16)
+
+
+def test_a_wide_photo_is_cut_to_its_centre_square_as_in_validation(classifier, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "wide.png"
+    Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)).save(path)  # 20 x 50: the presize store would keep 24 x 60
+    presized = decode_presized(path, classifier.presize_size)
+    assert presized.shape[:2] == (24, 60)
+    centre = presized[:, 18:42]  # (60 - 24) / 2 = 18 columns cut on each side
+    expected = valid_batch(torch.from_numpy(centre.copy()).permute(2, 0, 1)[None].contiguous(), size=16)
+    assert torch.equal(classifier.inputs([str(path)]), expected)
 
 
 def test_bad_inputs_get_one_clear_error(classifier, tmp_path):

@@ -90,8 +90,10 @@ def example_input(presized: Path, count: int = 2) -> pd.DataFrame:
     from petpipe.presize import PresizedStore
 
     store = PresizedStore(presized)
+    indices = list(store.indices("valid")[:count])
+    indices += indices[:1] * (count - len(indices))  # one validation image: repeated, the batch size must stay > 1
     encoded = []
-    for index in store.indices("valid")[:count]:
+    for index in indices:
         buffer = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(store.image(int(index)))).save(buffer, format="PNG")
         encoded.append(buffer.getvalue())

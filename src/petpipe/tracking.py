@@ -227,8 +227,9 @@ class StageRun:
     goes on) and the journal is written for ``replay`` at the end.
     """
 
-    def __init__(self, run_id: str, *, stage: str, parent_id: str | None, client: MlflowClient, uri: str, key: str):
+    def __init__(self, run_id: str, *, stage: str, parent_id: str | None, client: MlflowClient, uri: str, key: str, experiment_id: str):
         self.run_id, self.stage, self.parent_id, self.client, self.uri, self.key = run_id, stage, parent_id, client, uri, key
+        self.experiment_id = experiment_id
         self.journal: list[tuple[str, list[Any]]] = []
         self.offline: str | None = None
 
@@ -290,8 +291,9 @@ class StageRun:
     def log_image_classifier(self, checkpoint: Path, *, presize_size: int, example: Any, register_as: str | None = None) -> None:
         """The final model, once, as two MLflow models (see ``log_final_models``); registered as ``register_as`` if given."""
         frame = {"image": [base64.b64encode(b).decode() if isinstance(b, bytes) else b for b in example["image"]]}  # JSON for the journal
-        args = {"checkpoint": str(checkpoint), "presize_size": int(presize_size), "example": frame, "register_as": register_as}
-        self._do("log_image_classifier", [args], lambda: log_final_models(self.run_id, **args))
+        args = {"checkpoint": str(Path(checkpoint).resolve()), "presize_size": int(presize_size), "example": frame, "register_as": register_as}
+        digest = {"checkpoint_md5": lineage.dvc_digest(Path(checkpoint))}  # replay logs this very file, or nothing
+        self._do("log_image_classifier", [{**args, **digest}], lambda: log_final_models(self.run_id, **args))
 
     def log_input_files(self, inputs: dict[str, Path], dataset: Path | None) -> None:
         """Digests of the input files, the runs that produced them, and ``dataset`` as an MLflow dataset input."""
@@ -299,9 +301,8 @@ class StageRun:
         digests = {str(p): _digest(p, locked) for p in inputs.values()}
         tags = {f"petpipe.input.{path}": d for path, d in digests.items() if d}
         if not self.offline:
-            experiment_id = self.client.get_run(self.run_id).info.experiment_id
             for path, digest in digests.items():
-                producer = digest and find_producer(self.client, experiment_id, path, digest)
+                producer = digest and find_producer(self.client, self.experiment_id, path, digest)
                 if producer:
                     tags[f"petpipe.upstream.{path}"] = producer
         self.set_tags(tags)
@@ -400,7 +401,13 @@ def log_final_models(run_id: str, checkpoint: str, presize_size: int, example: d
     _log_torch_model(classifier.model, classifier.inputs(list(frame["image"])).numpy(), len(classifier.classes), metadata)
     info = _log_pyfunc_classifier(Path(checkpoint), int(presize_size), frame, metadata)
     if register_as:
-        register_model(info.model_uri, register_as, run_id)
+        try:
+            register_model(info.model_uri, register_as, run_id)
+        except Exception as err:  # the registry is optional: the stage's outputs and logged models stand
+            why = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            MlflowClient().set_tag(run_id, "petpipe.registration_error", why)
+            print(f"warning: registering the final model as {register_as!r} failed ({why}); the model is logged as {info.model_uri}: "
+                  f"register it from the MLflow UI or with mlflow.register_model('{info.model_uri}', '{register_as}')", file=sys.stderr)  # fmt: skip
 
 
 def _requirements() -> list[str]:
@@ -417,8 +424,15 @@ def _log_torch_model(network: Any, example: Any, n_classes: int, metadata: dict[
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes))]),
     )
-    return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=example, pip_requirements=_requirements(),
-                                    metadata=metadata)  # fmt: skip
+    logged = dict(name="model", signature=signature, input_example=example, pip_requirements=_requirements(), metadata=metadata)
+    try:
+        return mlflow.pytorch.log_model(network, serialization_format="pt2", **logged)
+    except Exception as err:
+        if not type(err).__module__.startswith("torch"):
+            raise
+        # torch.export cannot trace every network; the pickle format loads the same module (unpickling runs code: trust the source).
+        print(f"warning: torch.export failed ({type(err).__name__}); the network is logged in MLflow's pickle format instead", file=sys.stderr)
+        return mlflow.pytorch.log_model(network, serialization_format="pickle", **logged)
 
 
 def _log_pyfunc_classifier(checkpoint: Path, presize_size: int, example: Any, metadata: dict[str, Any]) -> Any:
@@ -505,7 +519,7 @@ def stage_run(
     parent_id = parent_run(client, experiment_id, key, resolved)
     tags = {**run_tags(stage), "petpipe.execution": key, "mlflow.parentRunId": parent_id, **version_tags()}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics or None)
-    handle = StageRun(run.info.run_id, stage=stage, parent_id=parent_id, client=client, uri=uri, key=key)
+    handle = StageRun(run.info.run_id, stage=stage, parent_id=parent_id, client=client, uri=uri, key=key, experiment_id=experiment_id)
     client.set_tag(parent_id, f"petpipe.run.{stage}", run.info.run_id)
     started, status = time.monotonic(), "FAILED"
     try:
@@ -562,27 +576,45 @@ def write_pending(handle: StageRun) -> Path:
 
 
 def replay(pending: Path) -> str:
-    """Log a pending journal (written during an outage) as a new run of its stage, under its execution's parent."""
+    """Log a pending journal (written during an outage) as a new run of its stage, under its execution's parent.
+
+    The journal's paths are relative to the stage's working directory: if that folder is gone (a DVC
+    temp or queue workspace), nothing is replayed. The final model is logged only if the checkpoint
+    is still the one trained (its DVC digest), and is not registered: registering an old run could
+    move the alias ``candidate`` away from a newer model.
+    """
     pending = Path(pending).resolve()
     record = json.loads(pending.read_text())
+    if not Path(record["cwd"]).is_dir():
+        raise TrackingError(f"{pending}: the stage ran in {record['cwd']}, which no longer exists (a DVC temp or queue workspace?): "
+                            "its files are gone, nothing was replayed")  # fmt: skip
+    os.chdir(record["cwd"])
     os.environ[lineage.EXECUTION_ENV] = record["execution"]
-    if Path(record["cwd"]).is_dir():  # the journal's paths are relative to the stage's working directory
-        os.chdir(record["cwd"])
     calls = record["calls"]
     params = next((args[0] for name, args in calls if name == "log_params"), {})
     with stage_run(record["stage"], params) as run:
         run.set_tags({"petpipe.replayed_from": str(pending)})
         for name, args in calls[1:] if calls and calls[0][0] == "log_params" else calls:
             if name == "log_image_classifier":
-                spec = args[0]
-                run.log_image_classifier(Path(spec["checkpoint"]), presize_size=spec["presize_size"], example=spec["example"],
-                                         register_as=spec["register_as"])  # fmt: skip
+                replay_final_model(run, args[0])
             elif name == "log_dataset":
                 run.log_dataset(Path(args[0]), args[1])
             else:
                 getattr(run, name)(*args)
     Path(pending).unlink()
     return run.run_id
+
+
+def replay_final_model(run: StageRun, spec: dict[str, Any]) -> None:
+    checkpoint = Path(spec["checkpoint"])
+    if "example" not in spec or lineage.dvc_digest(checkpoint) != spec.get("checkpoint_md5"):
+        print(f"warning: {checkpoint} is not the checkpoint this run trained (missing, or changed since): the final model is not logged; "
+              "run the finetune stage again to log it", file=sys.stderr)  # fmt: skip
+        return
+    run.log_image_classifier(checkpoint, presize_size=spec["presize_size"], example=spec["example"])
+    if spec.get("register_as"):
+        print(f"not registered on replay (the alias candidate may point at a newer model): register this run's image_classifier "
+              f"as {spec['register_as']!r} from the MLflow UI if it is the one you want", file=sys.stderr)  # fmt: skip
 
 
 if __name__ == "__main__":  # python -m petpipe.tracking replay FILE...
