@@ -163,8 +163,7 @@ def build_store(dataset: Path, data: str, store_dir: Path, *, presize: int, seed
     else:
         table = make_table(dataset, rule="folder", images_dir=".", pattern=None, match_on="name", csv_name=None, valid_pct=VALID_PCT, seed=seed,
                            split="folder")  # fmt: skip
-    index = {name: i for i, name in enumerate(table.classes)}
-    items = [(item.path, index[item.label], item.split) for item in table.items]
+    items = table.indexed()
     result = write_store(dataset, items, store_dir, size=presize, workers=default_workers(), classes=table.classes)
     counts = table.counts()
     return len(items) / result.seconds, counts["n_train"], counts["n_valid"]

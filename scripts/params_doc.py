@@ -22,6 +22,7 @@ PROFILES = ("digits", "pets")
 
 sys.path.insert(0, str(ROOT / "src"))
 from petpipe.config import Config, flatten, load_config  # noqa: E402
+from petpipe.report import show  # noqa: E402
 
 
 def describe_type(annotation: Any, metadata: list[Any]) -> str:
@@ -68,13 +69,8 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]
 
 
 def value(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float):
-        return f"{v:g}"
-    return f"`{v}`" if isinstance(v, str) and any(c in v for c in "\\^$*") else str(v)
+    """A profile's value as params.yaml spells it (the report's ``show``); regexes in backticks."""
+    return f"`{v}`" if isinstance(v, str) and any(c in v for c in "\\^$*") else show(v)
 
 
 def table() -> str:

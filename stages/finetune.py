@@ -45,19 +45,17 @@ def run(
         resume=resume_point("finetune", select(cfg, PARAMS), inputs=[presized, checkpoint, chosen_lr]),
         tracking=dict(resolved=flatten(cfg), inputs={"presized": presized, "checkpoint": checkpoint, "chosen_lr": chosen_lr}, dataset=presized,
                       outputs={"final": final, "metrics": metrics, "plot": plot}, system_metrics=True),
-        on_recorded=lambda run, result: log_final_model(run, result, final=final, presized=presized, register_as=cfg.mlflow.register_as),
+        on_recorded=lambda run, result: log_final_model(run, result, final=final, store=train_loader.dataset.store, register_as=cfg.mlflow.register_as),
     )  # fmt: skip
 
 
-def log_final_model(run, result: dict, *, final: Path, presized: Path, register_as: str | None) -> None:
+def log_final_model(run, result: dict, *, final: Path, store, register_as: str | None) -> None:
     """The execution's headline numbers on its parent run, and the final model, once (the network, and a pyfunc taking raw
     images, registered as ``register_as`` when it is set)."""
-    from petpipe.presize import PresizedStore
     from petpipe.serving import example_input
 
-    run.log_summary({k: result[k] for k in ("accuracy", "error_rate", "valid_loss", "top_5_accuracy") if k in result})
-    store = PresizedStore(presized)
-    run.log_image_classifier(final, presize_size=store.size, example=example_input(presized), register_as=register_as)
+    run.log_headline(result)
+    run.log_image_classifier(final, presize_size=store.size, example=example_input(store), register_as=register_as)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,8 +28,7 @@ def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_
         outputs={"presized": out_dir, "metrics": metrics},
     ) as mlflow_run:  # fmt: skip
         table = read_table(table_csv, classes_json)
-        index = {name: i for i, name in enumerate(table.classes)}
-        items = [(item.path, index[item.label], item.split) for item in table.items]
+        items = table.indexed()
         workers = default_workers()
         result = write_store(dataset, items, out_dir, size=cfg.presize.size, workers=workers, classes=table.classes)
         counts = {"n_images": result.n_images, "n_skipped": result.n_skipped, "bytes": result.bytes}

@@ -90,7 +90,7 @@ def run(
 
         written = rb.write_report(report, out_dir=out_dir, predictions=predictions, html_path=html_path, summary=summary, metrics=metrics)
         mlflow_run.log_metrics({**report.metrics, "report_seconds": time.perf_counter() - started})
-        mlflow_run.log_summary({k: v for k, v in report.metrics.items() if k in ("accuracy", "error_rate", "valid_loss", "top_5_accuracy")})
+        mlflow_run.log_headline(report.metrics)
         for path in written:
             mlflow_run.log_artifact(path, "interpretation" if path.parent == out_dir else None)
     print(f"report: {html_path} ({len(report.html):,} bytes), {summary}; accuracy {report.metrics['accuracy']:.4f} on {len(targets)} "

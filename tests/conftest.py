@@ -74,8 +74,7 @@ def write_presized(root: Path, out_dir: Path, size: int = 24) -> Path:
     from petpipe.presize import write_store
 
     table = make_table(root, rule="folder", images_dir=".", pattern=None, match_on="name", csv_name=None, valid_pct=0.2, seed=0, split="folder")
-    index = {name: i for i, name in enumerate(table.classes)}
-    items = [(item.path, index[item.label], item.split) for item in table.items]
+    items = table.indexed()
     write_store(root, items, out_dir, size=size, workers=1, classes=table.classes, progress=False)
     return out_dir
 

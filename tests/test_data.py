@@ -53,7 +53,7 @@ def test_same_seed_same_batches_whatever_the_number_of_workers(presized_store):
     assert not torch.equal(reference[0][0], other_seed[0][0])
 
 
-def test_augmentation_off_keeps_the_crops_and_order(presized_store):
+def test_augmentation_off_keeps_the_shuffle_order(presized_store):
     off = batches(train_loader(presized_store, augment=None))
     on = batches(train_loader(presized_store))
     assert [y.tolist() for _, y in off] == [y.tolist() for _, y in on]  # augmentation has its own random stream
@@ -83,10 +83,12 @@ def test_training_size_larger_than_the_store_is_a_clear_error(presized_store):
         make_loader(PresizedStore(presized_store), "valid", CPU, size=32, batch_size=8, num_workers=0)
 
 
-def test_auto_workers():
+def test_auto_workers(monkeypatch):
     assert resolve_workers("auto", torch.device("cpu")) == 0
     assert resolve_workers(3, torch.device("cpu")) == 3
-    assert 0 <= resolve_workers("auto", torch.device("cuda")) <= 8
+    for cores, workers in ((1, 0), (4, 3), (64, 8)):  # cores - 1, at most 8
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert resolve_workers("auto", torch.device("cuda")) == workers
 
 
 def unstaged(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -261,11 +261,12 @@ def test_replay_logs_the_final_model_only_if_it_is_the_trained_one_and_registers
     example if the checkpoint still has the trained digest, never registered; a changed checkpoint is not logged."""
     import base64
 
+    from petpipe.presize import PresizedStore
     from petpipe.serving import example_input
 
     client, work = executions["client"], executions["work"]
     final = work / "models/final.pt"
-    example = {"image": [base64.b64encode(b).decode() for b in example_input(work / PATHS["presized"])["image"]]}
+    example = {"image": [base64.b64encode(b).decode() for b in example_input(PresizedStore(work / PATHS["presized"]))["image"]]}
     spec = {"checkpoint": str(final), "presize_size": 24, "example": example, "register_as": REGISTERED, "checkpoint_md5": dvc_digest(final)}
     pending = work / ".petpipe" / "pending"
     pending.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import ROOT, copy_project, copy_store, stage_env, tar_bytes
 from http_faults import FaultyServer
+
+from petpipe.fetch import cached_archive
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +57,8 @@ def test_repro_fetch_survives_http_503_twice(repo, server):
     assert server.requests(ARCHIVE) == [None, None, None]
     assert "HTTP 503 Service Unavailable; try 2 in 1 s" in result.stderr + result.stdout
     assert sorted(p.name for p in (path / "data/dataset/train").iterdir()) == ["a", "b"]
-    assert not (path / ".dvc/tmp/downloads").exists()  # the cache lives outside the workspace
+    cached = cached_archive(server.url(ARCHIVE), Path(env["PETPIPE_CACHE_DIR"]))  # the cache lives outside the workspace
+    assert cached.read_bytes() == server.files[ARCHIVE] and not cached.is_relative_to(path)
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "fetched"], path, env)
 

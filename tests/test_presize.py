@@ -207,5 +207,8 @@ def test_store_pickles_without_its_memory_map(dataset, tmp_path):
     assert np.array_equal(clone.square(2, 0.5), expected) and clone.paths == store.paths
 
 
-def test_default_workers_is_at_least_one():
-    assert presize.default_workers() >= 1
+def test_default_workers_are_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert presize.default_workers() == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(), raising=False)
+    assert presize.default_workers() == 1

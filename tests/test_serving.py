@@ -28,13 +28,14 @@ def classifier(presized_store, tmp_path_factory) -> ImageClassifier:
 
 
 def test_the_example_keeps_a_batch_of_two_with_one_validation_image(presized_store, tmp_path):
-    assert len(example_input(presized_store, count=2)) == 2  # two distinct images when the store has them
-    frame = example_input(presized_store, count=len(PresizedStore(presized_store).indices("valid")) + 3)
+    two = example_input(PresizedStore(presized_store), count=2)["image"]
+    assert len(two) == 2 and two.iloc[0] != two.iloc[1]  # two distinct images when the store has them
+    frame = example_input(PresizedStore(presized_store), count=len(PresizedStore(presized_store).indices("valid")) + 3)
     assert len(frame) == len(PresizedStore(presized_store).indices("valid")) + 3 and frame["image"].iloc[-1] == frame["image"].iloc[0]
 
 
 def test_paths_bytes_and_base64_with_line_breaks_give_the_same_answer(classifier, presized_store):
-    data = example_input(presized_store, count=2)["image"].tolist()
+    data = example_input(PresizedStore(presized_store), count=2)["image"].tolist()
     assert all(isinstance(b, bytes) for b in data)
     mime = [base64.encodebytes(b).decode() for b in data]  # what MLflow writes in input_example.json
     assert all("\n" in m[:-1] for m in mime)

@@ -6,7 +6,7 @@ from conftest import ROOT, copy_store
 from mlflow.tracking import MlflowClient
 
 from petpipe import lineage
-from petpipe.tracking import check_tracking, default_artifact_location, repo_root, stage_run, tracking_uri
+from petpipe.tracking import TrackingError, check_tracking, default_artifact_location, repo_root, stage_run, tracking_uri
 
 
 def test_repo_root_from_dvc_root_and_from_a_dvc_temp_workspace(tmp_path):
@@ -78,7 +78,7 @@ def test_a_closed_port_fails_in_seconds_naming_the_uri_and_the_fix():
 
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    with pytest.raises(Exception) as err:
+    with pytest.raises(TrackingError) as err:
         check_tracking(uri)
     assert time.monotonic() - started < 10
     assert uri in str(err.value) and "unset MLFLOW_TRACKING_URI" in str(err.value) and "\n" not in str(err.value)

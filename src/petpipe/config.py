@@ -330,4 +330,9 @@ def flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:
 
 def select(cfg: Config, keys: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """The flattened params under ``keys`` (a key names one value or a whole section)."""
-    return {k: v for k, v in flatten(cfg).items() if any(k == d or k.startswith(d + ".") for d in keys)}
+    return select_flat(flatten(cfg), keys)
+
+
+def select_flat(flat: dict[str, Any], keys: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``select`` on params already flattened (dotted keys)."""
+    return {k: v for k, v in flat.items() if any(k == d or k.startswith(d + ".") for d in keys)}

@@ -12,7 +12,6 @@ training process, so results do not depend on ``num_workers``.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from petpipe import distributed
 from petpipe.augment import AugmentParams, train_batch, valid_batch
 from petpipe.device import Runtime
 from petpipe.errors import PetpipeError
-from petpipe.presize import PresizedStore
+from petpipe.presize import PresizedStore, default_workers
 
 CENTRE = 0.5  # crop position of validation squares
 
@@ -162,8 +161,7 @@ def resolve_workers(num_workers: int | str, device: torch.device) -> int:
         return int(num_workers)
     if device.type == "cpu":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, default_workers() - 1))
 
 
 def make_loader(

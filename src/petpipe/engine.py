@@ -168,7 +168,7 @@ def fit_one_cycle(
     for epoch in range(len(history), epochs):
         started = time.perf_counter()
         train_loss, images = train_one_epoch(net, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}")
-        train_seconds = time.perf_counter() - started  # each step syncs on its loss: the work is done
+        train_seconds = time.perf_counter() - started  # train_one_epoch ends by reading the summed loss: the work is done
         train_loss, images = mean_over_ranks(train_loss, runtime.device), images * world_size()
         row = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(model, valid_loader, runtime)}
         # Throughput: the whole epoch (training pass and validation), and training images per second.

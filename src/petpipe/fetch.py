@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from petpipe.errors import PetpipeError
-from petpipe.files import staged_dir
+from petpipe.files import hash_file, staged_dir
 
 try:  # POSIX: parallel fetches of one URL (queued experiments) take turns on the cache folder
     import fcntl
@@ -343,22 +343,15 @@ def _clock(seconds: float) -> str:
 # --- verification ----------------------------------------------------------------------------
 
 
-def digests(path: Path) -> dict[str, str]:
-    """SHA-256 and MD5 of a file, in one pass."""
-    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
-            md5.update(chunk)
-    return {"sha256": sha.hexdigest(), "md5": md5.hexdigest()}
-
-
 def verify(archive: Path, url: str, *, sha256: str | None = None, md5: str | None = None, size: int | None = None) -> str:
     """Check the archive against the params that are not null; returns its SHA-256."""
     actual_size = archive.stat().st_size
     if size is not None and actual_size != size:
         raise FetchError(f"data.size: the archive from {url} has {actual_size:,} bytes, params expect {size:,}; check data.url, or update data.size")
-    actual = digests(archive)
+    hashes = {"sha256": hashlib.sha256()} | ({"md5": hashlib.md5(usedforsecurity=False)} if md5 is not None else {})  # MD5 only when asked
+    first, *more = hashes.values()
+    hash_file(first, archive, *more)
+    actual = {key: h.hexdigest() for key, h in hashes.items()}
     for key, wanted in (("sha256", sha256), ("md5", md5)):
         if wanted is not None and actual[key] != wanted:
             raise FetchError(

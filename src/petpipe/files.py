@@ -78,11 +78,12 @@ def staged_dir(dest: Path, promote: Callable[[Path], Path] | None = None) -> Ite
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def hash_file(digest: Any, path: Path) -> Any:
-    """Feed a file to a hashlib digest in 1 MiB blocks; returns the digest."""
+def hash_file(digest: Any, path: Path, *more: Any) -> Any:
+    """Feed a file to one or more hashlib digests in 1 MiB blocks, in one pass; returns the first."""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+            for d in (digest, *more):
+                d.update(block)
     return digest
 
 
@@ -96,9 +97,3 @@ def write_rows(path: Path, rows: list[dict[str, Any]], columns: list[str] | None
         writer = csv.DictWriter(f, fieldnames=columns or list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-
-def read_rows(path: Path) -> list[dict[str, float]]:
-    """A numeric CSV written by ``write_rows`` (per-epoch curves)."""
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

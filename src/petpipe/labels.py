@@ -52,6 +52,11 @@ class LabelTable:
         splits = Counter(item.split for item in self.items)
         return {"n_train": splits["train"], "n_valid": splits["valid"], "n_classes": len(self.classes), "n_skipped": len(self.skipped)}
 
+    def indexed(self) -> list[tuple[str, int, str]]:
+        """(path, class index, split) per item: what the presize store is written from."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        return [(item.path, index[item.label], item.split) for item in self.items]
+
 
 def make_table(
     root: Path, *, rule: str, images_dir: str, pattern: str | None, match_on: str, csv_name: str | None, valid_pct: float, seed: int,
@@ -74,7 +79,7 @@ def make_table(
         raise LabelError(f"labels.rule: {rule!r} is not allowed; allowed: folder, regex, csv, function")
     warnings: list[str] = []
     if split == "random":
-        items = assign_random_split([Item(it.path, it.label, None) for it in items], valid_pct, seed)
+        items = assign_random_split(items, valid_pct, seed)  # no rule sets a split unless asked to (split column)
     elif split == "folder":
         items, unsplit = split_by_folder(items, images_dir, label_folder=rule == "folder")
         skipped += unsplit
@@ -230,14 +235,11 @@ def label_by_function(paths: list[str], function: Callable[[str], object], spec:
 
 
 def assign_random_split(items: list[Item], valid_pct: float, seed: int) -> list[Item]:
-    """Items without a split get one: a seeded shuffle of the sorted paths, the first valid_pct are valid."""
-    todo = sorted(i for i, item in enumerate(items) if item.split is None)
-    if not todo:
-        return items
-    order = sorted(todo, key=lambda i: items[i].path)
+    """Every item gets a split: a seeded shuffle of the sorted paths, the first valid_pct are valid."""
+    order = sorted(range(len(items)), key=lambda i: items[i].path)
     random.Random(seed).shuffle(order)
     valid = set(order[: round(valid_pct * len(order))])
-    return [Item(it.path, it.label, ("valid" if i in valid else "train") if it.split is None else it.split) for i, it in enumerate(items)]
+    return [Item(it.path, it.label, "valid" if i in valid else "train") for i, it in enumerate(items)]
 
 
 def split_by_folder(items: list[Item], images_dir: str, label_folder: bool) -> tuple[list[Item], list[tuple[str, str]]]:

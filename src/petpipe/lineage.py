@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from petpipe.config import select_flat
 from petpipe.files import md5_of
 
 PIPELINE_FILE = "dvc.yaml"
@@ -63,12 +64,12 @@ def is_dvc_command(argv: list[str]) -> bool:
     return bool(names) and (names[0] == "dvc" or (len(names) > 1 and names[1] == "dvc") or argv[1:3] == ["-m", "dvc"])
 
 
-def execution_key(env: dict[str, str] | None = None, pid: int | None = None) -> str:
+def execution_key(env: dict[str, str] | None = None) -> str:
     """The key every stage of one execution computes identically (see the module docstring)."""
     env = os.environ if env is None else env
     if env.get(EXECUTION_ENV):
         return env[EXECUTION_ENV]
-    own = pid or os.getpid()
+    own = os.getpid()
     current, anchor = own, None
     for _ in range(64):  # a process tree is never this deep; stops on a loop too
         info = _process(current)
@@ -145,18 +146,12 @@ def upstream(stages: dict[str, dict[str, list[str]]], stage: str) -> list[str]:
     return [name for name in stages if name in found]
 
 
-def select_params(resolved: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
-    """The flattened params under ``keys`` (a key names one value or a whole section)."""
-    keys = list(keys)
-    return {k: v for k, v in resolved.items() if any(k == d or k.startswith(d + ".") for d in keys)}
-
-
 def lineage_params(stages: dict[str, dict[str, list[str]]], stage: str, resolved: dict[str, Any]) -> dict[str, Any]:
     """The params of ``stage`` and of every stage upstream of it, from the flattened params."""
     if stage not in stages:
         return {}
     keys = [k for name in [*upstream(stages, stage), stage] for k in stages[name]["params"]]
-    return select_params(resolved, keys)
+    return select_flat(resolved, keys)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from petpipe.errors import PetpipeError
-from petpipe.files import staged_dir, write_rows
+from petpipe.files import staged_dir, write_json, write_rows
 
 FORMAT = "petpipe-presized-v1"
 SPLITS = ("train", "valid")  # split code = position in this tuple
@@ -179,17 +179,13 @@ def write_store(
             raise PresizeError(f"presize: none of the {len(items)} images could be decoded (first: {first}); check the dataset under {root}")
         index = np.array(records, dtype=INDEX_DTYPE)
         np.save(staging / INDEX_FILE, index, allow_pickle=False)
-        write_plain_json(staging / PATHS_FILE, paths)
+        write_json(staging / PATHS_FILE, paths)
         write_skipped(staging / SKIPPED_FILE, skipped)
         counts = {f"n_{name}": int((index["split"] == code).sum()) for code, name in enumerate(SPLITS)}
         meta = {"format": FORMAT, "size": size, "n_images": len(records), **counts, "n_skipped": len(skipped), "bytes": offset,
                 "classes": list(classes)}
-        write_plain_json(staging / META_FILE, meta)
+        write_json(staging / META_FILE, meta)
     return PresizeResult(len(records), len(skipped), skipped, offset, time.perf_counter() - start)
-
-
-def write_plain_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:

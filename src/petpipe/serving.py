@@ -22,7 +22,7 @@ from petpipe.augment import valid_batch
 from petpipe.data import CENTRE
 from petpipe.engine import restore
 from petpipe.errors import PetpipeError
-from petpipe.presize import decode_presized, square_of
+from petpipe.presize import PresizedStore, decode_presized, square_of
 
 IMAGE_COLUMN = "image"
 BATCH = 64
@@ -82,14 +82,11 @@ def load_classifier(checkpoint: Path, presize_size: int) -> ImageClassifier:
     return ImageClassifier(checkpoint, presize_size)
 
 
-def example_input(presized: Path, count: int = 2) -> pd.DataFrame:
+def example_input(store: PresizedStore, count: int = 2) -> pd.DataFrame:
     """An input example for the logged models: the first ``count`` validation images of the store, as
     PNG bytes (two, so that the exported network keeps a variable batch size)."""
     from PIL import Image
 
-    from petpipe.presize import PresizedStore
-
-    store = PresizedStore(presized)
     indices = list(store.indices("valid")[:count])
     indices += indices[:1] * (count - len(indices))  # one validation image: repeated, the batch size must stay > 1
     encoded = []

@@ -32,6 +32,7 @@ experiment workspace under ``.dvc/tmp/exps``, the repository that workspace belo
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib
 import importlib.metadata
 import json
@@ -65,6 +66,7 @@ REFUSED_SECONDS = 3.0  # nobody listening on the port: a server that is restarti
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 # The MLflow 3 UI opens an experiment on its GenAI pages unless it is marked as model training.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+HEADLINE_METRICS = ("accuracy", "error_rate", "valid_loss", "top_5_accuracy")  # on the parent run, from finetune and report
 
 
 class TrackingError(PetpipeError):
@@ -227,7 +229,7 @@ class StageRun:
     goes on) and the journal is written for ``replay`` at the end.
     """
 
-    def __init__(self, run_id: str, *, stage: str, parent_id: str | None, client: MlflowClient, uri: str, key: str, experiment_id: str):
+    def __init__(self, run_id: str, *, stage: str, parent_id: str, client: MlflowClient, uri: str, key: str, experiment_id: str):
         self.run_id, self.stage, self.parent_id, self.client, self.uri, self.key = run_id, stage, parent_id, client, uri, key
         self.experiment_id = experiment_id
         self.journal: list[tuple[str, list[Any]]] = []
@@ -275,11 +277,14 @@ class StageRun:
         self._do("log_series", [series], call)
 
     def log_summary(self, metrics: dict[str, float]) -> None:
-        """Headline metrics of the execution, on the parent run (the row the runs table compares)."""
+        """Metrics of the whole execution, on the parent run (the row the runs table compares)."""
         metrics = {k: float(v) for k, v in metrics.items()}
         now = int(time.time() * 1000)
-        if self.parent_id:
-            self._do("log_summary", [metrics], lambda: self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()]))
+        self._do("log_summary", [metrics], lambda: self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()]))
+
+    def log_headline(self, metrics: dict[str, float]) -> None:
+        """The execution's headline numbers (``HEADLINE_METRICS`` found in ``metrics``) on the parent run."""
+        self.log_summary({k: metrics[k] for k in HEADLINE_METRICS if k in metrics})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._do("log_artifact", [str(path), artifact_path], lambda: self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path))
@@ -551,20 +556,12 @@ def _finish(handle: StageRun, status: str) -> None:
             return
         except Exception as err:
             handle.offline = f"{type(err).__name__}: {err}"
-    with _suppress():
+    with contextlib.suppress(Exception):
         mlflow.end_run(status=status)  # pops the active run first; the server call may fail
     if status == "FINISHED":
         pending = write_pending(handle)
         print(f"warning: MLflow at {handle.uri} did not answer ({handle.offline}); the outputs of {handle.stage} are written and valid, "
               f"and what it logged is kept in {pending}: log it later with `python -m petpipe.tracking replay {pending}`", file=sys.stderr)  # fmt: skip
-
-
-@contextmanager
-def _suppress() -> Iterator[None]:
-    try:
-        yield
-    except Exception:
-        pass
 
 
 def write_pending(handle: StageRun) -> Path:
