@@ -1,3 +1,6 @@
+import os
+import signal
+
 import pytest
 import torch
 
@@ -6,6 +9,7 @@ from petpipe.device import Runtime, make_runtime, seed_everything
 from petpipe.engine import DivergedError, evaluate, fit_one_cycle, load_checkpoint, make_optimizer, save_checkpoint
 from petpipe.errors import PetpipeError
 from petpipe.model import build_model, freeze_body, layer_groups, unfreeze
+from petpipe.signals import stop_on_signals
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +78,30 @@ def test_divergence_is_reported(loaders):
     model = build_model("resnet18", 3)
     with pytest.raises(DivergedError, match="lower the learning rate"):
         fit_one_cycle(model, train, valid, epochs=2, lr_max=[1e12] * 3, pct_start=0.0, weight_decay=0.0, runtime=make_runtime("cpu", "fp32"))
+
+
+class _SignalsItselfWhenCollected:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))  # the handler runs here, in a finaliser, where Python prints its exception and goes on
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed exception, on purpose
+def test_a_stop_signal_swallowed_by_a_finaliser_stops_the_next_batch(loaders):
+    # The CI failure: SIGTERM landed in SQLAlchemy's cleanup and train_frozen trained to the end.
+    train, valid = loaders
+    model = build_model("resnet18", 3)
+    runtime = make_runtime("cpu", "fp32")
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals():
+        _SignalsItselfWhenCollected()  # no KeyboardInterrupt reaches this frame
+        with pytest.raises(KeyboardInterrupt, match="signal 15"):
+            fit_one_cycle(model, train, valid, epochs=1, lr_max=[1e-3] * 3, pct_start=0.25, weight_decay=0.0, runtime=runtime)
+        with pytest.raises(KeyboardInterrupt, match="signal 15"):
+            evaluate(model, valid, runtime)
+    with stop_on_signals():  # a new stage starts with no stop pending
+        evaluate(model, valid, runtime)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):

@@ -21,6 +21,7 @@ from petpipe.files import atomic_open
 from petpipe.model import NORM_TYPES, build_model, layer_groups
 from petpipe.resume import ResumePoint, load_state, rng_states, save_state, set_rng_states
 from petpipe.schedule import OneCycle
+from petpipe.signals import raise_if_stopped
 
 ADAM_BETAS = (0.9, 0.99)  # fastai's Adam defaults; beta1 is overwritten by the one-cycle momentum
 ADAM_EPS = 1e-5  # fastai's Adam eps
@@ -63,6 +64,7 @@ def train_step(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime
 ) -> torch.Tensor:
     """Forward under autocast, scaled backward, one optimizer step; returns the loss (on the device, no sync)."""
+    raise_if_stopped()
     with runtime.autocast():
         loss = nn.functional.cross_entropy(model(images.to(runtime.device, non_blocking=True)), targets.to(runtime.device, non_blocking=True))
     optimizer.zero_grad(set_to_none=True)
@@ -107,6 +109,7 @@ def predict(model: nn.Module, loader: DataLoader, runtime: Runtime, desc: str = 
     model.eval()
     logits, targets = [], []
     for images, target in tqdm(loader, desc=desc, leave=False, mininterval=1.0):
+        raise_if_stopped()
         with runtime.autocast():
             out = model(images.to(runtime.device, non_blocking=True))
         logits.append(out.float().cpu())

@@ -8,7 +8,6 @@ imported: fetch and labels start without torch.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from petpipe.config import load_config
 from petpipe.errors import PetpipeError
+from petpipe.signals import stop_on_signals
 
 # The path argument of every stage that reads the presized images (and the class names stored with them).
 TRAINING_DATA = [("presized", "presized image store (presize stage)")]
@@ -37,23 +37,18 @@ def stage_main(
         nargs = "+" if name in multiple else None
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, help=help_text, nargs=nargs)
     args = parser.parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the stage like Ctrl-C: cleanly
     try:
-        cfg = load_config(args.params)
-        launched = launcher(cfg, list(sys.argv[1:] if argv is None else argv)) if launcher else None
-        if launched is not None:
-            return launched
-        run(cfg, **{name: getattr(args, name) for name, _ in arguments})
+        with stop_on_signals():  # SIGTERM ends the stage like Ctrl-C: cleanly
+            cfg = load_config(args.params)
+            launched = launcher(cfg, list(sys.argv[1:] if argv is None else argv)) if launcher else None
+            if launched is not None:
+                return launched
+            run(cfg, **{name: getattr(args, name) for name, _ in arguments})
     except PetpipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no output was written as complete; run the stage again to resume a training stage from its last epoch", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0
 
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
