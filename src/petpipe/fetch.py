@@ -39,6 +39,7 @@ from typing import IO
 
 from petpipe.errors import PetpipeError
 from petpipe.files import hash_file, staged_dir
+from petpipe.signals import raise_if_stopped
 
 try:  # POSIX: parallel fetches of one URL (queued experiments) take turns on the cache folder
     import fcntl
@@ -258,6 +259,7 @@ def _download_once(url: str, part: Path, expected_size: int | None, network: Net
         with open(part, "ab" if have else "wb") as out, progress_meter(PurePosixPath(urllib.parse.urlsplit(url).path).name, total, have) as update:
             try:
                 while chunk := response.read1(CHUNK):  # what has arrived: a timeout loses nothing
+                    raise_if_stopped()  # the .part file is kept: the next try resumes it
                     out.write(chunk)
                     update(len(chunk))
             except (OSError, http.client.HTTPException) as err:

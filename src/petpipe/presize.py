@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from petpipe.errors import PetpipeError
 from petpipe.files import staged_dir, write_json, write_rows
+from petpipe.signals import raise_if_stopped
 
 FORMAT = "petpipe-presized-v1"
 SPLITS = ("train", "valid")  # split code = position in this tuple
@@ -167,6 +168,7 @@ def write_store(
         bar = tqdm(decoded, total=len(items), desc="presize", unit="img", mininterval=1.0, disable=not progress)
         with closing(decoded), open(staging / PIXELS_FILE, "wb") as pixels:  # closing: stop the pool on any error
             for (path, label, split), (array, reason) in zip(items, bar):
+                raise_if_stopped()
                 if array is None:
                     skipped.append((path, reason))
                     continue

@@ -3,8 +3,8 @@
 Python runs a signal handler between bytecodes of the main thread, which can be inside a finaliser
 (a ``__del__`` or a weakref callback, as in SQLAlchemy's session cleanup). Python only prints an
 exception raised there, so the ``KeyboardInterrupt`` would vanish and the stage would run to the
-end. The handler therefore also records the signal, and the training and prediction loops call
-``raise_if_stopped`` once per batch.
+end. The handler therefore also records the signal, and the long loops call ``raise_if_stopped``:
+training and prediction once per batch, presize once per image, a download once per chunk.
 """
 
 from __future__ import annotations
