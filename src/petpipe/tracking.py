@@ -42,12 +42,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd  # imported by mlflow anyway
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -344,7 +346,10 @@ def _log_dataset(run_id: str, path: Path, digest: str) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    dataset = MetaDataset(resolve_dataset_source(str(Path(path).resolve())), name=Path(path).name, digest=digest[:36])
+    with warnings.catch_warnings():  # MLflow registers the local source twice (schemes "" and file): same class, same result
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(str(Path(path).resolve()))
+    dataset = MetaDataset(source, name=Path(path).name, digest=digest[:36])
     MlflowClient().log_inputs(run_id, datasets=[_dataset_input(dataset)])
 
 
@@ -372,7 +377,9 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         module, name = self.factory.split(":")
         self._predict = getattr(importlib.import_module(module), name)(Path(context.artifacts["checkpoint"]), **context.model_config)
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame hint: MLflow converts nothing and infers no schema from it (the signature is given
+    # when logging), and it does not warn, at every import of this module, that hints are missing.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return self._predict(model_input)
 
 
