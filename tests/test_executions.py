@@ -154,7 +154,7 @@ print(json.dumps({{"rows": answer.to_dict(orient="records"), "logits": network(t
 """
 
 
-def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(executions, mlflow_server):
+def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(executions, mlflow_server, monkeypatch):
     """Both logged models load in a fresh process: the registered pyfunc (alias candidate) predicts a
     known image from its path and its bytes and serves its own input example; the PyTorch model gives
     the checkpoint's logits."""
@@ -168,6 +168,12 @@ def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(
     finetune = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'finetune'")[0]
     models = {client.get_logged_model(m.model_id).name: m.model_id for m in finetune.outputs.model_outputs}
     assert set(models) == {"model", "image_classifier"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # the artifacts are served by the server
+    location = client.get_logged_model(models["image_classifier"]).artifact_location
+    pyfunc = yaml.safe_load(mlflow.artifacts.load_text(location + "/MLmodel"))["flavors"]["python_function"]
+    files = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=location)}
+    # A model from code: loading it runs the logged pyfunc_model.py and unpickles nothing.
+    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "pyfunc_model.py" in files and "python_model.pkl" not in files, files
     candidate = client.get_model_version_by_alias(REGISTERED, "candidate")
     assert candidate.run_id == finetune.info.run_id and models["image_classifier"] in candidate.source, candidate
     first = runs(executions, "tags.`petpipe.execution` = 'first' and attributes.run_name = 'finetune'")[0]

@@ -385,6 +385,14 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
 SERVING_FACTORY = "petpipe.serving:load_classifier"
 CANDIDATE_ALIAS = "candidate"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # the pyfunc, logged as a model from code
+
+
+def set_model(model: ImageClassifierModel) -> None:
+    """The model a "model from code" file defines (``PYFUNC_CODE`` calls it, so mlflow stays imported here only)."""
+    import mlflow.models
+
+    mlflow.models.set_model(model)
 
 
 def log_final_models(run_id: str, checkpoint: str, presize_size: int, example: dict[str, list[Any]], register_as: str | None) -> None:
@@ -455,7 +463,7 @@ def _log_pyfunc_classifier(checkpoint: Path, presize_size: int, example: Any, me
         inputs=Schema([ColSpec(AnyType(), "image")]), outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")])
     )
     return mlflow.pyfunc.log_model(  # links the logged model to the active run, the stage's
-        name="image_classifier", python_model=ImageClassifierModel(SERVING_FACTORY), artifacts={"checkpoint": str(checkpoint)},
+        name="image_classifier", python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(checkpoint)},
         model_config={"presize_size": presize_size}, code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
         input_example=example, pip_requirements=_requirements(), metadata=metadata,
     )  # fmt: skip
