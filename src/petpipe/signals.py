@@ -1,10 +1,15 @@
-"""SIGTERM ends a stage like Ctrl-C, and a stop request is never lost.
+"""SIGTERM ends a stage like Ctrl-C, and a stop request is never lost nor raised mid-write.
 
 Python runs a signal handler between bytecodes of the main thread, which can be inside a finaliser
 (a ``__del__`` or a weakref callback, as in SQLAlchemy's session cleanup). Python only prints an
 exception raised there, so the ``KeyboardInterrupt`` would vanish and the stage would run to the
 end. The handler therefore also records the signal, and the long loops call ``raise_if_stopped``:
 training and prediction once per batch, presize once per image, a download once per chunk.
+
+An exception raised in the middle of a write to the MLflow store (a SQLAlchemy transaction on the
+sqlite file) can leave it locked, and the stage then hangs ending its run. Tracking code runs its
+store calls inside ``deferred_stop()``: a stop that arrives there is raised when the block ends. A
+second signal is raised at once, wherever the stage is.
 """
 
 from __future__ import annotations
@@ -14,17 +19,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _received: int | None = None
+_deferring = 0  # depth of deferred_stop blocks
 
 
 def _stop(signum: int, frame: object) -> None:
     global _received
+    again = _received is not None
     _received = signum
-    raise KeyboardInterrupt(f"signal {signum}")
+    if again or not _deferring:
+        raise KeyboardInterrupt(f"signal {signum}")
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """While inside: SIGTERM and SIGINT raise ``KeyboardInterrupt`` and are remembered."""
+    """While inside: SIGTERM and SIGINT raise ``KeyboardInterrupt`` and are remembered (until the block ends)."""
     global _received
     _received = None
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -33,9 +41,23 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _received = None  # the stage is over: nothing is pending for code that runs after it
+
+
+@contextmanager
+def deferred_stop() -> Iterator[None]:
+    """A first stop signal that arrives inside waits until the block has ended, then is raised."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring:
+        raise_if_stopped()
 
 
 def raise_if_stopped() -> None:
-    """Raise ``KeyboardInterrupt`` if a stop signal arrived whose exception was swallowed."""
+    """Raise ``KeyboardInterrupt`` if a stop signal arrived whose exception was swallowed or deferred."""
     if _received is not None:
         raise KeyboardInterrupt(f"signal {_received}")

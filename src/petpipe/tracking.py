@@ -55,6 +55,7 @@ from mlflow.tracking import MlflowClient
 
 from petpipe import lineage
 from petpipe.errors import PetpipeError
+from petpipe.signals import deferred_stop
 
 EXPERIMENT = "petpipe"
 STORE_FILE = "mlflow.db"
@@ -242,7 +243,8 @@ class StageRun:
         if self.offline:
             return
         try:
-            call()
+            with deferred_stop():  # no stop signal in the middle of a store write
+                call()
         except Exception as err:  # logging must never cost the stage its outputs
             why = _probe(self.uri, timeout=3.0) if self.uri.startswith(("http://", "https://")) else "local store"
             if why is None or why == "local store":
@@ -530,17 +532,18 @@ def stage_run(
     uri, location = tracking_uri(), default_artifact_location()  # before set_tracking_uri exports the env var
     check_tracking(uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    experiment_id = ensure_experiment(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), location)
     key = lineage.execution_key()
     resolved = resolved if resolved is not None else dict(params)
     pipeline = lineage.find_pipeline([Path.cwd(), repo_root(), Path(__file__).resolve().parents[2]])
     stages = lineage.load_stages(pipeline) if pipeline else {}
-    parent_id = parent_run(client, experiment_id, key, resolved)
-    tags = {**run_tags(stage), "petpipe.execution": key, "mlflow.parentRunId": parent_id, **version_tags()}
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics or None)
-    handle = StageRun(run.info.run_id, stage=stage, parent_id=parent_id, client=client, uri=uri, key=key, experiment_id=experiment_id)
-    client.set_tag(parent_id, f"petpipe.run.{stage}", run.info.run_id)
+    with deferred_stop():  # store writes: a stop waits until the stage run exists, then ends it KILLED below
+        client = MlflowClient(uri)
+        experiment_id = ensure_experiment(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), location)
+        parent_id = parent_run(client, experiment_id, key, resolved)
+        tags = {**run_tags(stage), "petpipe.execution": key, "mlflow.parentRunId": parent_id, **version_tags()}
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics or None)
+        handle = StageRun(run.info.run_id, stage=stage, parent_id=parent_id, client=client, uri=uri, key=key, experiment_id=experiment_id)
+        client.set_tag(parent_id, f"petpipe.run.{stage}", run.info.run_id)
     started, status = time.monotonic(), "FAILED"
     try:
         handle.log_params({**lineage.lineage_params(stages, stage, resolved), **params})
@@ -564,6 +567,11 @@ def stage_run(
 
 def _finish(handle: StageRun, status: str) -> None:
     """End the stage run and mark the parent with the same status; offline, keep the journal for ``replay``."""
+    with deferred_stop():  # a run ended half-way would stay RUNNING, the store possibly locked
+        _end_runs(handle, status)
+
+
+def _end_runs(handle: StageRun, status: str) -> None:
     if not handle.offline:
         try:
             handle.client.set_terminated(handle.parent_id, status)
