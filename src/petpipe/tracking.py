@@ -55,7 +55,7 @@ from mlflow.tracking import MlflowClient
 
 from petpipe import lineage
 from petpipe.errors import PetpipeError
-from petpipe.signals import deferred_stop
+from petpipe.signals import deferred_stop, raise_if_stopped
 
 EXPERIMENT = "petpipe"
 STORE_FILE = "mlflow.db"
@@ -536,7 +536,7 @@ def stage_run(
     resolved = resolved if resolved is not None else dict(params)
     pipeline = lineage.find_pipeline([Path.cwd(), repo_root(), Path(__file__).resolve().parents[2]])
     stages = lineage.load_stages(pipeline) if pipeline else {}
-    with deferred_stop():  # store writes: a stop waits until the stage run exists, then ends it KILLED below
+    with deferred_stop(raise_after=False):  # store writes: a stop waits until the stage run exists, then ends it KILLED below
         client = MlflowClient(uri)
         experiment_id = ensure_experiment(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), location)
         parent_id = parent_run(client, experiment_id, key, resolved)
@@ -546,11 +546,13 @@ def stage_run(
         client.set_tag(parent_id, f"petpipe.run.{stage}", run.info.run_id)
     started, status = time.monotonic(), "FAILED"
     try:
-        handle.log_params({**lineage.lineage_params(stages, stage, resolved), **params})
-        if inputs:
-            handle.log_input_files(inputs, dataset)
-        if stages and not handle.offline:
-            link_skipped_stages(client, experiment_id, parent_id, stages)
+        raise_if_stopped()  # a stop deferred during the setup above
+        with deferred_stop():  # store reads and writes
+            handle.log_params({**lineage.lineage_params(stages, stage, resolved), **params})
+            if inputs:
+                handle.log_input_files(inputs, dataset)
+            if stages and not handle.offline:
+                link_skipped_stages(client, experiment_id, parent_id, stages)
         yield handle
         if outputs:
             digests = handle.log_outputs(outputs)
