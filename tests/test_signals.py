@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from petpipe.signals import deferred_stop, raise_if_stopped, stop_on_signals
+from petpipe.signals import deferred_stop, stop_on_signals
 
 
 def test_a_stop_inside_a_store_write_is_raised_when_the_write_ends():
@@ -42,14 +42,3 @@ def test_nested_blocks_raise_once_the_outermost_ends():
             steps.append("after the inner block")
     assert steps == ["after the inner block"]
 
-
-def test_a_stop_left_to_the_caller_is_raised_by_its_next_check():
-    steps = []
-    with stop_on_signals(), pytest.raises(KeyboardInterrupt):
-        with deferred_stop(raise_after=False):
-            os.kill(os.getpid(), signal.SIGTERM)
-            sum(range(1000))
-        steps.append("after the block")
-        raise_if_stopped()
-        steps.append("not reached")
-    assert steps == ["after the block"]

@@ -137,3 +137,37 @@ def test_default_sqlite_store_keeps_artifacts_beside_it(tmp_path, monkeypatch, m
         rows = db.execute("SELECT run_uuid, name FROM runs ORDER BY start_time").fetchall()
     assert rows[1] == (run.run_id, "fetch") and rows[0][0] == run.parent_id and len(rows) == 2  # the execution's parent, then the stage
     assert (tmp_path / "mlartifacts").is_dir() and list((tmp_path / "mlartifacts").rglob("a.txt"))
+
+
+def test_a_stop_during_the_store_writes_of_the_setup_ends_both_runs_killed(tmp_path, monkeypatch, mlflow_template):
+    """SIGTERM right after the parent run is written: it waits for the setup's writes, then ends the
+    stage before its body, with the parent and the stage run KILLED (none left RUNNING)."""
+    import os
+    import signal
+
+    import petpipe.tracking as tracking
+    from petpipe.signals import stop_on_signals
+
+    copy_store(mlflow_template, tmp_path / "mlflow.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    real_parent_run = tracking.parent_run
+
+    def parent_run_then_sigterm(*args):
+        run_id = real_parent_run(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))  # the handler runs here
+        return run_id
+
+    monkeypatch.setattr(tracking, "parent_run", parent_run_then_sigterm)
+    body = []
+    try:
+        with stop_on_signals(), pytest.raises(KeyboardInterrupt, match="signal 15"):
+            with stage_run("fetch", {"data.url": "assets/digits.tgz"}):
+                body.append("ran")
+    finally:
+        mlflow.set_tracking_uri(None)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        rows = db.execute("SELECT name, status FROM runs ORDER BY start_time").fetchall()
+    assert body == [] and len(rows) == 2 and rows[1][0] == "fetch" and {status for _, status in rows} == {"KILLED"}, rows

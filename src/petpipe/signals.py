@@ -45,16 +45,15 @@ def stop_on_signals() -> Iterator[None]:
 
 
 @contextmanager
-def deferred_stop(raise_after: bool = True) -> Iterator[None]:
-    """A first stop signal that arrives inside waits until the block has ended, then is raised
-    (``raise_after=False``: left to the caller's next ``raise_if_stopped``)."""
+def deferred_stop() -> Iterator[None]:
+    """A first stop signal that arrives inside waits until the block has ended, then is raised."""
     global _deferring
     _deferring += 1
     try:
         yield
     finally:
         _deferring -= 1
-    if raise_after and not _deferring:
+    if not _deferring:
         raise_if_stopped()
 
 

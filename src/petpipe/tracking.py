@@ -55,7 +55,7 @@ from mlflow.tracking import MlflowClient
 
 from petpipe import lineage
 from petpipe.errors import PetpipeError
-from petpipe.signals import deferred_stop, raise_if_stopped
+from petpipe.signals import deferred_stop
 
 EXPERIMENT = "petpipe"
 STORE_FILE = "mlflow.db"
@@ -376,13 +376,18 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self.factory = factory
 
     def load_context(self, context) -> None:
-        module, name = self.factory.split(":")
-        self._predict = getattr(importlib.import_module(module), name)(Path(context.artifacts["checkpoint"]), **context.model_config)
+        self._predict = load_factory(self.factory)(Path(context.artifacts["checkpoint"]), **context.model_config)
 
     # A DataFrame hint: MLflow converts nothing and infers no schema from it (the signature is given
     # when logging), and it does not warn, at every import of this module, that hints are missing.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return self._predict(model_input)
+
+
+def load_factory(spec: str) -> Any:
+    """The callable named ``module:function``."""
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 SERVING_FACTORY = "petpipe.serving:load_classifier"
@@ -408,12 +413,9 @@ def log_final_models(run_id: str, checkpoint: str, presize_size: int, example: d
 
     Both carry the class names and the preprocessing in their metadata.
     """
-    import pandas as pd
-
     if mlflow.active_run() is None or mlflow.active_run().info.run_id != run_id:
         raise TrackingError(f"log_final_models: run {run_id} is not the active run")
-    module, name = SERVING_FACTORY.split(":")
-    classifier = getattr(importlib.import_module(module), name)(Path(checkpoint), presize_size=presize_size)
+    classifier = load_factory(SERVING_FACTORY)(Path(checkpoint), presize_size=presize_size)
     frame = pd.DataFrame(example)
     metadata = {
         "classes": list(classifier.classes), "size": classifier.size, "presize_size": int(presize_size),
@@ -536,18 +538,16 @@ def stage_run(
     resolved = resolved if resolved is not None else dict(params)
     pipeline = lineage.find_pipeline([Path.cwd(), repo_root(), Path(__file__).resolve().parents[2]])
     stages = lineage.load_stages(pipeline) if pipeline else {}
-    with deferred_stop(raise_after=False):  # store writes: a stop waits until the stage run exists, then ends it KILLED below
-        client = MlflowClient(uri)
-        experiment_id = ensure_experiment(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), location)
-        parent_id = parent_run(client, experiment_id, key, resolved)
-        tags = {**run_tags(stage), "petpipe.execution": key, "mlflow.parentRunId": parent_id, **version_tags()}
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics or None)
-        handle = StageRun(run.info.run_id, stage=stage, parent_id=parent_id, client=client, uri=uri, key=key, experiment_id=experiment_id)
-        client.set_tag(parent_id, f"petpipe.run.{stage}", run.info.run_id)
-    started, status = time.monotonic(), "FAILED"
+    handle, started, status = None, time.monotonic(), "FAILED"
     try:
-        raise_if_stopped()  # a stop deferred during the setup above
-        with deferred_stop():  # store reads and writes
+        with deferred_stop():  # store reads and writes: a stop waits for them, then ends the runs KILLED below
+            client = MlflowClient(uri)
+            experiment_id = ensure_experiment(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), location)
+            parent_id = parent_run(client, experiment_id, key, resolved)
+            tags = {**run_tags(stage), "petpipe.execution": key, "mlflow.parentRunId": parent_id, **version_tags()}
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics or None)
+            handle = StageRun(run.info.run_id, stage=stage, parent_id=parent_id, client=client, uri=uri, key=key, experiment_id=experiment_id)
+            client.set_tag(parent_id, f"petpipe.run.{stage}", run.info.run_id)
             handle.log_params({**lineage.lineage_params(stages, stage, resolved), **params})
             if inputs:
                 handle.log_input_files(inputs, dataset)
@@ -564,7 +564,8 @@ def stage_run(
         status = "KILLED"
         raise
     finally:
-        _finish(handle, status)
+        if handle is not None:  # else the setup failed before the stage run existed
+            _finish(handle, status)
 
 
 def _finish(handle: StageRun, status: str) -> None:
