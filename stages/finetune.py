@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from petpipe.config import Config, flatten, select  # noqa: E402
-from petpipe.stage import TRAINING_DATA, stage_main  # noqa: E402
+from petpipe.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
 
 PARAMS = (
     "seed", "device", "precision", "distributed.nproc_per_node", "distributed.nnodes", "distributed.backend", "train.size", "train.batch_size",
@@ -74,4 +74,4 @@ def launch(cfg: Config, argv: list[str]) -> int | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from petpipe.config import Config, flatten, select  # noqa: E402
-from petpipe.stage import stage_main  # noqa: E402
+from petpipe.stage import exit_process, stage_main  # noqa: E402
 
 PARAMS = (
     "seed", "labels.rule", "labels.images_dir", "labels.pattern", "labels.regex_on", "labels.csv", "labels.function",
@@ -49,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from petpipe.config import Config, flatten, select  # noqa: E402
-from petpipe.stage import stage_main  # noqa: E402
+from petpipe.stage import exit_process, stage_main  # noqa: E402
 
 PARAMS = ("presize.size",)
 
@@ -51,4 +51,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

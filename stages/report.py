@@ -17,7 +17,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from petpipe.config import Config, flatten, load_config, select  # noqa: E402
-from petpipe.stage import TRAINING_DATA, stage_main  # noqa: E402
+from petpipe.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
 
 PARAMS = (
     "seed", "device", "precision", "data.url", "labels", "presize.size", "train.arch", "train.weights", "train.size", "train.batch_size",
@@ -111,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
