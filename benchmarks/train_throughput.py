@@ -11,12 +11,16 @@ JPEG decoding. Prints images/s per precision, the ratio to the first, and peak G
 synthetic loader, asserting a finite loss and changed weights, then a checkpoint saved from the
 device and loaded back. On a GPU this is the prepared check of the CUDA and AMP paths; on a CPU
 keep it small (resnet18, 64 px).
+
+``--compare-adamw`` also times, per precision, the pipeline's AdamW (torch's fused kernel on the
+CPU and CUDA) against torch's default AdamW kernel, in alternating bursts, and prints the speed-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,27 +42,56 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Stepper:
+    """A model, its optimizer (AdamW as the pipeline makes it, or with ``fused=False`` torch's default
+    kernel) and one synthetic batch on the device, ready for timed ``train_step`` calls."""
+
+    def __init__(self, runtime: Runtime, *, arch: str, size: int, batch_size: int, classes: int, fused: bool | None = None):
+        seed_everything(0)
+        self.runtime, self.batch_size = runtime, batch_size
+        self.model = build_model(arch, classes).to(runtime.device).train()
+        self.optimizer = make_optimizer(self.model, 0.01, layer_groups(self.model), fused=fused)
+        for group in self.optimizer.param_groups:
+            group["lr"] = 1e-4
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
+        self.images = torch.randn(batch_size, 3, size, size, device=runtime.device)
+        self.targets = torch.randint(0, classes, (batch_size,), device=runtime.device)
+
+    def seconds(self, steps: int) -> float:
+        """Wall time of ``steps`` train steps, the device's queue drained at both ends."""
+        synchronize(self.runtime.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(self.model, self.images, self.targets, self.optimizer, self.scaler, self.runtime)
+        synchronize(self.runtime.device)
+        return time.perf_counter() - start
+
+
 def measure(runtime: Runtime, *, arch: str, size: int, batch_size: int, steps: int, warmup: int, classes: int) -> dict[str, float]:
-    seed_everything(0)
-    model = build_model(arch, classes).to(runtime.device).train()
-    optimizer = make_optimizer(model, 0.01, layer_groups(model))
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-4
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-    images = torch.randn(batch_size, 3, size, size, device=runtime.device)
-    targets = torch.randint(0, classes, (batch_size,), device=runtime.device)
+    stepper = Stepper(runtime, arch=arch, size=size, batch_size=batch_size, classes=classes)
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
-    for _ in range(warmup):
-        train_step(model, images, targets, optimizer, scaler, runtime)
-    synchronize(runtime.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, images, targets, optimizer, scaler, runtime)
-    synchronize(runtime.device)
-    seconds = time.perf_counter() - start
+    stepper.seconds(warmup)
+    seconds = stepper.seconds(steps)
     peak = torch.cuda.max_memory_allocated(runtime.device) / 2**30 if runtime.device.type == "cuda" else float("nan")
     return {"images_per_s": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps, "peak_gib": peak}
+
+
+def compare_adamw(runtime: Runtime, *, arch: str, size: int, batch_size: int, steps: int, warmup: int, classes: int, rounds: int = 6) -> str:
+    """The pipeline's AdamW against torch's default kernel: bursts of ``steps`` alternate between the
+    two ``rounds`` times (so both see the same machine load); median ms per step of each."""
+    steppers = {kernel: Stepper(runtime, arch=arch, size=size, batch_size=batch_size, classes=classes, fused=fused)
+                for kernel, fused in (("pipeline", None), ("default", False))}  # fmt: skip
+    per_step: dict[str, list[float]] = {kernel: [] for kernel in steppers}
+    for stepper in steppers.values():
+        stepper.seconds(warmup)
+    for _ in range(rounds):
+        for kernel, stepper in steppers.items():
+            per_step[kernel].append(stepper.seconds(steps) / steps)
+    ours, default = (statistics.median(per_step[k]) for k in ("pipeline", "default"))
+    fused = steppers["pipeline"].optimizer.defaults["fused"]
+    return (f"AdamW {'fused' if fused else 'default'} kernel {1000 * ours:.1f} ms/step ({batch_size / ours:.1f} images/s), "
+            f"torch's default kernel {1000 * default:.1f} ms/step ({batch_size / default:.1f} images/s): x{default / ours:.2f}")  # fmt: skip
 
 
 def synthetic_store(out_dir: Path, *, n: int, size: int, classes: int) -> Path:
@@ -102,6 +135,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
     parser.add_argument("--precisions", default="fp32,auto", help="comma-separated: fp32, fp16, bf16, auto")
     parser.add_argument("--check", action="store_true", help="first run one real epoch and a checkpoint round trip per precision")
+    parser.add_argument("--compare-adamw", action="store_true",
+                        help="also time the pipeline's AdamW (fused kernel on the CPU and CUDA) against torch's default kernel, per precision")  # fmt: skip
     args = parser.parse_args()
 
     device = pick_device(args.device)
@@ -117,6 +152,8 @@ def main() -> None:
         baseline = baseline or result["images_per_s"]
         print(f"  {name:>5} -> {runtime.precision:>4}: {result['images_per_s']:8.1f} images/s  {result['step_ms']:8.1f} ms/step  "
               f"x{result['images_per_s'] / baseline:.2f} vs first  peak {result['peak_gib']:.2f} GiB")  # fmt: skip
+        if args.compare_adamw:
+            print("         " + compare_adamw(runtime, arch=args.arch, size=args.size, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, classes=args.classes))
 
 
 if __name__ == "__main__":

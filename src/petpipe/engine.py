@@ -27,8 +27,9 @@ ADAM_BETAS = (0.9, 0.99)  # fastai's Adam defaults; beta1 is overwritten by the 
 ADAM_EPS = 1e-5  # fastai's Adam eps
 # Devices where AdamW runs torch's fused kernel (``fused=True``): the same update in one pass over
 # each parameter instead of about a dozen elementwise ops. On the 2-core CPU it cut AdamW's step for
-# resnet18 (11.2 M parameters) from 30-37 ms to 9 ms, and a whole 32 px batch-64 train step from
-# 168-203 ms to 126-133 ms (benchmarks/README.md). MPS keeps torch's default (foreach): not measured.
+# resnet18 (11.2 M parameters) from 30-37 ms to 9 ms, which made the whole train step 1.05-1.12x
+# (64 px, batch 32) and 1.23-1.28x (32 px, batch 64) faster (`benchmarks/train_throughput.py
+# --compare-adamw`). MPS keeps torch's default kernel: not measured there.
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 # Reading the loss back waits for the GPU; doing it every step leaves the GPU idle while the next
 # batch is fetched. The running loss stays on the device and is checked every this many steps.
@@ -45,11 +46,14 @@ def no_decay_params(module: nn.Module) -> set[int]:
     return ids | {id(p) for name, p in module.named_parameters() if name.endswith("bias")}
 
 
-def make_optimizer(model: nn.Module, weight_decay: float, groups_of_params: list[list[nn.Parameter]]) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, weight_decay: float, groups_of_params: list[list[nn.Parameter]], fused: bool | None = None
+) -> torch.optim.AdamW:  # fmt: skip
     """AdamW (decoupled weight decay, as fastai's Adam) with two parameter groups per layer group.
 
     Each group records its ``layer_group`` so discriminative LRs can be applied per layer group.
-    The model must already be on its device: that device chooses the fused kernel.
+    ``fused``: None runs torch's fused kernel where the model's device is in ``FUSED_ADAMW_DEVICES``
+    (so the model must already be on its device); False, torch's default kernel (benchmarks compare them).
     """
     skip = no_decay_params(model)
     groups = []
@@ -58,7 +62,8 @@ def make_optimizer(model: nn.Module, weight_decay: float, groups_of_params: list
             chosen = [p for p in params if (id(p) not in skip) == decay]
             if chosen:
                 groups.append({"params": chosen, "lr": 0.0, "weight_decay": weight_decay if decay else 0.0, "layer_group": index})
-    fused = next(model.parameters()).device.type in FUSED_ADAMW_DEVICES
+    if fused is None:
+        fused = next(model.parameters()).device.type in FUSED_ADAMW_DEVICES
     return torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused)
 
 
