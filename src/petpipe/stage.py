@@ -1,8 +1,9 @@
 """What every stage script shares, kept small: its command line and the one-line error.
 
 A stage script in ``stages/`` defines ``PARAMS`` (the params keys it reads, as in dvc.yaml),
-``run(cfg, **paths)`` and ``main(argv)``; ``main`` calls ``stage_main`` here. Nothing heavy is
-imported: fetch and labels start without torch.
+``run(cfg, **paths)`` and ``main(argv)``; ``main`` calls ``stage_main`` here, and the script's
+``__main__`` block ends with ``exit_process(main())``. Nothing heavy is imported: fetch and labels
+start without torch.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ def stage_main(
         print("interrupted: no output was written as complete; run the stage again to resume a training stage from its last epoch", file=sys.stderr)
         return 130
     return 0
-
 
 
 def exit_process(code: int) -> NoReturn:
