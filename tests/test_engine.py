@@ -7,7 +7,9 @@ import torch
 
 from petpipe.data import make_loaders
 from petpipe.device import Runtime, make_runtime, seed_everything
-from petpipe.engine import ADAM_BETAS, ADAM_EPS, DivergedError, evaluate, fit_one_cycle, load_checkpoint, make_optimizer, save_checkpoint
+from petpipe.engine import (
+    ADAM_BETAS, ADAM_EPS, DivergedError, evaluate, fit_one_cycle, load_checkpoint, load_optimizer_state, make_optimizer, save_checkpoint,
+)  # fmt: skip
 from petpipe.errors import PetpipeError
 from petpipe.model import build_model, freeze_body, layer_groups, unfreeze
 from petpipe.signals import stop_on_signals
@@ -80,6 +82,7 @@ def test_the_fused_optimizer_makes_the_same_updates_as_torchs_one_op_at_a_time_a
     reference = copy.deepcopy(model)
     optimizer = make_optimizer(model, 0.1, layer_groups(model))  # decay large enough to show if it were left out
     assert optimizer.defaults["fused"]  # the CPU runs the fused kernel
+    assert {(g["betas"], g["eps"]) for g in optimizer.param_groups} == {(ADAM_BETAS, ADAM_EPS)}  # fastai's, before the schedule moves beta1
     twin = dict(zip(map(id, model.parameters()), reference.parameters(), strict=True))
     groups = [{"params": [twin[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
     slow = torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=False, fused=False)
@@ -95,6 +98,35 @@ def test_the_fused_optimizer_makes_the_same_updates_as_torchs_one_op_at_a_time_a
         # Rounding differs (one fused pass against a dozen ops): 1.6e-6 at most here, where the steps
         # move weights by up to 3e-2 and the decay alone by 3e-4 x the weight.
         torch.testing.assert_close(fast, one_op, rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_state_saved_in_another_layout_and_kernel_resumes_with_this_optimizers_kernel_and_the_same_update():
+    torch.manual_seed(0)
+    images, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+
+    def step(model, optimizer):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), targets).backward()
+        optimizer.step()
+
+    # Saved as on CUDA: channels_last weights and moments, torch's default kernel.
+    saved_model = build_model("resnet18", 3).eval().to(memory_format=torch.channels_last)
+    saved_optimizer = make_optimizer(saved_model, 0.1, layer_groups(saved_model), fused=False)
+    step(saved_model, saved_optimizer)
+    saved = copy.deepcopy(saved_optimizer.state_dict())
+    resumed = []
+    for fused in (True, False):  # resumed as on the CPU: contiguous weights; the fused kernel, and the default one as the reference
+        model = build_model("resnet18", 3).eval()
+        model.load_state_dict({k: v.contiguous() for k, v in saved_model.state_dict().items()})
+        optimizer = make_optimizer(model, 0.1, layer_groups(model), fused=fused)
+        load_optimizer_state(optimizer, saved)
+        assert all(group["fused"] is fused for group in optimizer.param_groups)  # not the file's choice
+        step(model, optimizer)
+        resumed.append(model)
+    for (name, fast), default in zip(resumed[0].named_parameters(), resumed[1].parameters(), strict=True):
+        torch.testing.assert_close(fast, default, rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_divergence_is_reported(loaders):

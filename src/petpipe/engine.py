@@ -29,8 +29,9 @@ ADAM_EPS = 1e-5  # fastai's Adam eps
 # each parameter instead of about a dozen elementwise ops. On the 2-core CPU it cut AdamW's step for
 # resnet18 (11.2 M parameters) from 30-37 ms to 9 ms, which made the whole train step 1.05-1.12x
 # (64 px, batch 32) and 1.23-1.28x (32 px, batch 64) faster (`benchmarks/train_throughput.py
-# --compare-adamw`). MPS keeps torch's default kernel: not measured there.
-FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+# --compare-adamw`). CUDA and MPS keep torch's default kernel (foreach) until a GPU run of that
+# command (with --check) has measured and checked the fused one there.
+FUSED_ADAMW_DEVICES = ("cpu",)
 # Reading the loss back waits for the GPU; doing it every step leaves the GPU idle while the next
 # batch is fetched. The running loss stays on the device and is checked every this many steps.
 CHECK_EVERY = 50
@@ -53,7 +54,7 @@ def make_optimizer(
 
     Each group records its ``layer_group`` so discriminative LRs can be applied per layer group.
     ``fused``: None runs torch's fused kernel where the model's device is in ``FUSED_ADAMW_DEVICES``
-    (so the model must already be on its device); False, torch's default kernel (benchmarks compare them).
+    (so the model must already be on its device); True or False choose (benchmarks compare them).
     """
     skip = no_decay_params(model)
     groups = []
@@ -65,6 +66,24 @@ def make_optimizer(
     if fused is None:
         fused = next(model.parameters()).device.type in FUSED_ADAMW_DEVICES
     return torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load a saved optimizer state as if it had been made by ``optimizer``.
+
+    A resume state may come from another device or an older petpipe. ``load_state_dict`` would take
+    each group's kernel choice (``fused``, ``foreach``) from the file; this keeps ``optimizer``'s. And
+    each moment tensor takes its parameter's memory layout (channels_last on CUDA, contiguous on the
+    CPU): a fused kernel reads parameter, gradient and moments as flat arrays of one layout, so
+    channels_last moments under a contiguous parameter would be updated element-for-wrong-element.
+    Every tensor is copied: the optimizer steps in place, and ``saved`` is left as it was.
+    """
+    kernel = {"fused": optimizer.defaults.get("fused"), "foreach": optimizer.defaults.get("foreach")}
+    optimizer.load_state_dict({**saved, "param_groups": [{**group, **kernel} for group in saved["param_groups"]]})
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value) if value.shape == param.shape else value.clone()
 
 
 def per_param_group(optimizer: torch.optim.Optimizer, per_layer_group: list[float]) -> list[float]:
@@ -167,7 +186,7 @@ def fit_one_cycle(
     saved = load_state(resume) if resume else None
     if saved is not None:
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(optimizer, saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         schedule.step_num = saved["step_num"]
         history = saved["history"]
