@@ -33,7 +33,7 @@ from PIL import Image
 from petpipe.augment import AugmentParams
 from petpipe.data import make_loaders
 from petpipe.device import Runtime, pick_device, pick_precision, seed_everything
-from petpipe.engine import FUSED_ADAMW_DEVICES, fit_one_cycle, load_checkpoint, make_optimizer, save_checkpoint, train_step
+from petpipe.engine import fit_one_cycle, load_checkpoint, make_optimizer, save_checkpoint, train_step, uses_fused_adamw
 from petpipe.model import build_model, layer_groups
 from petpipe.presize import write_store
 
@@ -89,7 +89,7 @@ def compare_adamw(runtime: Runtime, *, arch: str, size: int, batch_size: int, st
         for fused, stepper in steppers.items():
             per_step[fused].append(stepper.seconds(steps) / steps)
     fused, default = (statistics.median(per_step[k]) for k in (True, False))
-    used = "fused" if runtime.device.type in FUSED_ADAMW_DEVICES else "default"
+    used = "fused" if uses_fused_adamw(runtime.device) else "default"
     return (f"AdamW fused kernel {1000 * fused:.1f} ms/step ({batch_size / fused:.1f} images/s), "
             f"default kernel {1000 * default:.1f} ms/step ({batch_size / default:.1f} images/s): fused x{default / fused:.2f}; "
             f"the pipeline uses the {used} kernel on {runtime.device.type}")  # fmt: skip

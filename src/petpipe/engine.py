@@ -63,9 +63,13 @@ def make_optimizer(
             chosen = [p for p in params if (id(p) not in skip) == decay]
             if chosen:
                 groups.append({"params": chosen, "lr": 0.0, "weight_decay": weight_decay if decay else 0.0, "layer_group": index})
-    if fused is None:
-        fused = next(model.parameters()).device.type in FUSED_ADAMW_DEVICES
+    fused = uses_fused_adamw(next(model.parameters()).device) if fused is None else fused
     return torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused)
+
+
+def uses_fused_adamw(device: torch.device) -> bool:
+    """Whether ``make_optimizer`` picks torch's fused AdamW kernel on ``device``."""
+    return device.type in FUSED_ADAMW_DEVICES
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
