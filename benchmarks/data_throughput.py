@@ -59,6 +59,7 @@ from petpipe.engine import fit_one_cycle, make_optimizer, predict, train_step
 from petpipe.fetch import extract
 from petpipe.labels import make_table
 from petpipe.model import build_model, layer_groups, unfreeze
+from petpipe.normalization import IMAGENET
 from petpipe.presize import default_workers, write_store
 
 DIGITS_ARCHIVE = Path(__file__).resolve().parents[1] / "assets" / "digits.tgz"
@@ -268,7 +269,7 @@ def measure(
     """loader, (a), (b), (c) and (d) of one setting, on its presized store."""
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
-    common = dict(size=setting.size, batch_size=setting.batch_size, num_workers=num_workers, augment=augment)
+    common = dict(size=setting.size, batch_size=setting.batch_size, num_workers=num_workers, augment=augment, normalization=IMAGENET)
     train, _ = make_loaders(store_dir, runtime, generator=seed_everything(seed), **common)
     n_classes, batches_per_epoch = len(train.dataset.store.classes), len(train)
     for _ in train.loader:  # untimed: starts the worker processes, if any, and reads the store into the page cache

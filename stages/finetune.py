@@ -24,6 +24,7 @@ def run(
     from petpipe.engine import restore
     from petpipe.finetune_lr import read_chosen_lr
     from petpipe.model import layer_groups, unfreeze
+    from petpipe.normalization import from_meta
     from petpipe.resume import resume_point
     from petpipe.schedule import discriminative_lrs
     from petpipe.tracking import preflight
@@ -36,7 +37,7 @@ def run(
     unfreeze(model)
     train_loader, valid_loader = make_loaders(
         presized, runtime, size=cfg.train.size, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-        augment=augment_params(cfg.train.augment), generator=generator,
+        augment=augment_params(cfg.train.augment), generator=generator, normalization=from_meta(meta),
     )  # fmt: skip
     return fit_and_record(
         "finetune", select(cfg, PARAMS), runtime=runtime, model=model, meta=meta, train_loader=train_loader, valid_loader=valid_loader,

@@ -22,19 +22,19 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Pa
     from petpipe.engine import restore
     from petpipe.figures import lr_find_figure
     from petpipe.files import write_bytes, write_json, write_rows
-    from petpipe.finetune_lr import auto_max_lr
-    from petpipe.lr_find import lr_range_test, suggest
+    from petpipe.lr_find import SUGGESTIONS, lr_find_summary, lr_range_test
     from petpipe.model import unfreeze
+    from petpipe.normalization import from_meta
     from petpipe.tracking import preflight, stage_run
     from petpipe.training import augment_params, prepare
 
     preflight()  # the tracking server answers, or one line and no work
     runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)
-    model, _ = restore(checkpoint)
+    model, meta = restore(checkpoint)
     unfreeze(model)
     train_loader, _ = make_loaders(
         presized, runtime, size=cfg.train.size, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-        augment=augment_params(cfg.train.augment), generator=generator,
+        augment=augment_params(cfg.train.augment), generator=generator, normalization=from_meta(meta),
     )  # fmt: skip
     with stage_run(
         "lr_find", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"presized": presized, "checkpoint": checkpoint}, dataset=presized,
@@ -45,16 +45,19 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Pa
         curve = lr_range_test(
             model, train_loader, runtime, start_lr=cfg.lr_find.start_lr, end_lr=cfg.lr_find.end_lr, num_it=num_it, weight_decay=cfg.train.weight_decay
         )  # fmt: skip
-        suggestions = suggest(curve, num_it)
-        lo, hi = auto_max_lr(suggestions)
-        summary = {**suggestions, "auto_max_lr_lo": lo, "auto_max_lr_hi": hi, "iterations": len(curve["lr"])}
+        summary = lr_find_summary(curve, num_it)
+        suggestions = {k: summary[k] for k in SUGGESTIONS if summary[k] is not None}
         write_json(result, summary)
         write_rows(plot, [{"lr": lr, "loss": loss} for lr, loss in zip(curve["lr"], curve["loss"])])
         write_bytes(figure, lr_find_figure(curve["lr"], curve["loss"], suggestions))
         mlflow_run.log_series({"lr_find_loss": curve["loss"], "lr_find_lr": curve["lr"]})  # batched: one request per 1,000 points
-        mlflow_run.log_metrics(summary)
+        mlflow_run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        if summary["warning"]:
+            mlflow_run.set_tags({"petpipe.lr_find_warning": summary["warning"]})
         mlflow_run.log_artifact(figure, "lr_find")
-    print(f"lr_find: {len(curve['lr'])} iterations; suggestions {suggestions}")
+    if summary["warning"]:
+        print(f"warning: {summary['warning']}", file=sys.stderr)
+    print(f"lr_find: {len(curve['lr'])} iterations; suggestions {suggestions or 'none'}")
     return summary
 
 

@@ -20,8 +20,8 @@ from petpipe.config import Config, flatten, load_config, select  # noqa: E402
 from petpipe.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
 
 PARAMS = (
-    "seed", "device", "precision", "data.url", "labels", "presize.size", "train.arch", "train.weights", "train.size", "train.batch_size",
-    "train.augment", "train.weight_decay", "train_frozen.epochs", "train_frozen.lr", "train_frozen.pct_start", "lr_find", "finetune",
+    "seed", "device", "precision", "data.url", "labels", "presize.size", "train.arch", "train.weights", "train.normalize", "train.size",
+    "train.batch_size", "train.augment", "train.weight_decay", "train_frozen.epochs", "train_frozen.lr", "train_frozen.pct_start", "lr_find", "finetune",
     "report.top_losses", "report.most_confused_min",
 )  # fmt: skip
 PREDICT_BATCH = 64  # prediction only: results do not depend on it, so it is not a param
@@ -35,7 +35,8 @@ def shown_params(cfg: Config) -> dict[str, Any]:
     """
     return {
         "seed": cfg.seed, "device": cfg.device, "precision": cfg.precision, "data.url": cfg.data.url, "labels": cfg.labels,
-        "presize.size": cfg.presize.size, "train.arch": cfg.train.arch, "train.weights": cfg.train.weights, "train.size": cfg.train.size,
+        "presize.size": cfg.presize.size, "train.arch": cfg.train.arch, "train.weights": cfg.train.weights,
+        "train.normalize": cfg.train.normalize, "train.size": cfg.train.size,
         "train.batch_size": cfg.train.batch_size, "train.augment": cfg.train.augment, "train.weight_decay": cfg.train.weight_decay,
         "train_frozen.epochs": cfg.train_frozen.epochs, "train_frozen.lr": cfg.train_frozen.lr, "train_frozen.pct_start": cfg.train_frozen.pct_start,
         "lr_find": cfg.lr_find, "finetune": cfg.finetune, "report.top_losses": cfg.report.top_losses,
@@ -55,6 +56,7 @@ def run(
     from petpipe.engine import classification_metrics, predict, restore
     from petpipe.interpret import Interpretation
     from petpipe.model import layer_groups
+    from petpipe.normalization import from_meta
     from petpipe.presize import PresizedStore
     from petpipe.tracking import preflight, stage_run
     from petpipe.training import augment_params
@@ -64,6 +66,7 @@ def run(
     runtime = make_runtime(cfg.device, cfg.precision)
     store = PresizedStore(presized)
     model, meta = restore(final)
+    normalization = from_meta(meta)  # what training used: the report shows and predicts what the model saw
     classes = meta["classes"]
     curves = {"train_frozen": ri.read_curve(frozen_curve, "train_frozen"), "finetune": ri.read_curve(finetune_curve, "finetune")}
     run_info = rp.RunInfo(
@@ -72,10 +75,10 @@ def run(
     )  # fmt: skip
     data = ri.data_info(
         store, runtime, labels_skipped=labels_skipped, classes=classes, size=cfg.train.size, batch_size=cfg.train.batch_size,
-        augment=augment_params(cfg.train.augment), seed=cfg.seed, n_batch=rp.BATCH_IMAGES,
+        augment=augment_params(cfg.train.augment), seed=cfg.seed, n_batch=rp.BATCH_IMAGES, normalization=normalization,
     )  # fmt: skip
     lr = ri.lr_info(lr_find_curve, lr_find_result, chosen_lr, frozen_lr=cfg.train_frozen.lr, n_groups=len(layer_groups(model)))
-    loader = make_loader(store, "valid", runtime, size=meta["size"], batch_size=PREDICT_BATCH, num_workers=0)
+    loader = make_loader(store, "valid", runtime, size=meta["size"], batch_size=PREDICT_BATCH, num_workers=0, normalization=normalization)
     with stage_run(
         "report", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"presized": presized, "final": final}, dataset=presized,
         outputs={"interpretation": out_dir, "report": html_path, "predictions": predictions, "summary": summary, "metrics": metrics},

@@ -13,28 +13,32 @@ from petpipe.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
 
 PARAMS = (
     "seed", "device", "precision", "distributed.nproc_per_node", "distributed.nnodes", "distributed.backend", "train.arch", "train.weights",
-    "train.size", "train.batch_size", "train.augment", "train.weight_decay", "train_frozen.epochs", "train_frozen.lr", "train_frozen.pct_start",
+    "train.normalize", "train.size", "train.batch_size", "train.augment", "train.weight_decay", "train_frozen.epochs", "train_frozen.lr", "train_frozen.pct_start",
 )  # fmt: skip
 
 
 def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: Path) -> dict:
     from petpipe.data import make_loaders
     from petpipe.model import build_model, freeze_body, layer_groups
+    from petpipe.normalization import resolve_normalization
+    from petpipe.presize import PresizedStore
     from petpipe.resume import resume_point
     from petpipe.tracking import preflight
     from petpipe.training import augment_params, fit_and_record, prepare
 
     preflight()  # the tracking server answers, or one line and no work
     runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend)
+    classes = PresizedStore(presized).classes
+    model = build_model(cfg.train.arch, len(classes), cfg.train.weights)  # a weights problem stops here, before any training
+    normalization = resolve_normalization(cfg.train.normalize, weights=cfg.train.weights, pretrained=model.pretrained_normalization)
+    freeze_body(model)
     train_loader, valid_loader = make_loaders(
         presized, runtime, size=cfg.train.size, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-        augment=augment_params(cfg.train.augment), generator=generator,
+        augment=augment_params(cfg.train.augment), generator=generator, normalization=normalization,
     )  # fmt: skip
-    classes = train_loader.dataset.store.classes
-    model = build_model(cfg.train.arch, len(classes), cfg.train.weights)
-    freeze_body(model)
+    meta = {"arch": cfg.train.arch, "classes": classes, "size": cfg.train.size, "normalize": normalization.as_dict()}
     return fit_and_record(
-        "train_frozen", select(cfg, PARAMS), runtime=runtime, model=model, meta={"arch": cfg.train.arch, "classes": classes, "size": cfg.train.size},
+        "train_frozen", select(cfg, PARAMS), runtime=runtime, model=model, meta=meta,
         train_loader=train_loader, valid_loader=valid_loader, epochs=cfg.train_frozen.epochs, lr_max=[cfg.train_frozen.lr] * len(layer_groups(model)),
         pct_start=cfg.train_frozen.pct_start, weight_decay=cfg.train.weight_decay, checkpoint=checkpoint, metrics=metrics, plot=plot,
         resume=resume_point("train_frozen", select(cfg, PARAMS), inputs=[presized]),

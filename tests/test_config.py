@@ -44,7 +44,7 @@ def test_pets_profile_is_lesson_one():
 
 def test_unknown_key_names_key_and_allowed_keys():
     raw = with_value("train.batchsize", 32)
-    with pytest.raises(ConfigError, match=r"unknown key 'train.batchsize'.*allowed keys at train: arch, weights, size, batch_size"):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.batchsize'.*allowed keys at train: arch, weights, normalize, size, batch_size"):
         config_from(raw)
 
 

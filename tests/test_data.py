@@ -7,6 +7,7 @@ import torch
 from petpipe.augment import AugmentParams, valid_batch
 from petpipe.data import CENTRE, CropSampler, make_loader, make_loaders, resolve_workers
 from petpipe.device import make_runtime
+from petpipe.normalization import IMAGENET
 from petpipe.errors import PetpipeError
 from petpipe.presize import PresizedStore
 
@@ -68,7 +69,7 @@ def test_crop_positions_are_random_on_train_and_centred_on_valid():
 
 def test_loader_yields_what_the_dataset_holds(presized_store):
     store = PresizedStore(presized_store)
-    train, valid = make_loaders(presized_store, CPU, size=16, batch_size=8, num_workers=0, augment=None, generator=torch.Generator().manual_seed(0))
+    train, valid = make_loaders(presized_store, CPU, size=16, batch_size=8, num_workers=0, augment=None, generator=torch.Generator().manual_seed(0), normalization=IMAGENET)
     assert len(train.dataset) == len(store.indices("train")) == 36 and len(valid.dataset) == 12
     item, label = train.dataset[(0, 0.0)]
     assert item.dtype == torch.uint8 and item.shape == (24, 24, 3) and label == int(store.labels[store.indices("train")[0]])

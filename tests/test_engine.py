@@ -7,6 +7,7 @@ import torch
 
 from petpipe.data import make_loaders
 from petpipe.device import Runtime, make_runtime, seed_everything
+from petpipe.normalization import IMAGENET
 from petpipe.engine import (
     ADAM_BETAS, ADAM_EPS, DivergedError, evaluate, fit_one_cycle, load_checkpoint, load_optimizer_state, make_optimizer, save_checkpoint,
 )  # fmt: skip
@@ -19,13 +20,13 @@ from petpipe.signals import stop_on_signals
 def loaders(presized_store):
     generator = seed_everything(0)
     # No augmentation: these tests are about the loop (tests/test_data.py covers the augmented loader).
-    return make_loaders(presized_store, make_runtime("cpu", "fp32"), size=16, batch_size=8, num_workers=0, augment=None, generator=generator)
+    return make_loaders(presized_store, make_runtime("cpu", "fp32"), size=16, batch_size=8, num_workers=0, augment=None, generator=generator, normalization=IMAGENET)
 
 
 def test_frozen_then_unfrozen_training_learns_colours(presized_store):
     # Batches of 4: enough steps for BatchNorm's running statistics (momentum 0.1) to leave their
     # initial values, which eval mode uses.
-    train, valid = make_loaders(presized_store, make_runtime("cpu", "fp32"), size=16, batch_size=4, num_workers=0, augment=None, generator=seed_everything(0))
+    train, valid = make_loaders(presized_store, make_runtime("cpu", "fp32"), size=16, batch_size=4, num_workers=0, augment=None, generator=seed_everything(0), normalization=IMAGENET)
     runtime = make_runtime("cpu", "fp32")
     seed_everything(0)
     model = build_model("resnet18", 3)

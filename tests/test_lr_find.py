@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from petpipe.device import make_runtime
-from petpipe.finetune_lr import auto_max_lr
+from petpipe.errors import PetpipeError
+from petpipe.finetune_lr import auto_max_lr, choose_max_lr
 from petpipe.lr_find import (
     LossRecorder,
+    lr_find_summary,
     lr_range_test,
     suggest,
     suggest_minimum,
@@ -62,8 +64,8 @@ def test_recorder_warmup_ignores_early_noise():
 def test_suggestions_skip_the_first_tenth_of_num_it():
     lrs = list(np.logspace(-7, 1, 30))
     losses = [0.1] * 3 + list(np.linspace(3.0, 1.0, 22)) + [2.0, 3.0, 4.0, 5.0, 6.0]  # a fake early dip at 0..2
-    tips = suggest({"lr": lrs, "loss": losses}, num_it=30)
-    assert tips["minimum"] > lrs[2]  # the dip before num_it // 10 = 3 points is ignored
+    tips, warning = suggest({"lr": lrs, "loss": losses}, num_it=30)
+    assert warning is None and tips["minimum"] > lrs[2]  # the dip before num_it // 10 = 3 points is ignored
 
 
 def test_a_nan_cuts_the_curve_where_fastai_does():
@@ -111,5 +113,36 @@ def test_range_test_stops_on_divergence_and_suggests():
     curve = lr_range_test(model, loader, make_runtime("cpu", "fp32"), start_lr=1e-5, end_lr=1e4, num_it=100, weight_decay=0.0)
     assert 10 < len(curve["lr"]) < 100  # diverged before the end
     assert curve["lr"] == sorted(curve["lr"]) and curve["lr"][0] == pytest.approx(1e-5)
-    tips = suggest(curve, num_it=100)
-    assert set(tips) == {"valley", "minimum", "steep"} and all(1e-5 <= v <= 1e4 for v in tips.values())
+    tips, warning = suggest(curve, num_it=100)
+    assert warning is None and set(tips) == {"valley", "minimum", "steep"} and all(1e-5 <= v <= 1e4 for v in tips.values())
+
+
+def memorised_head_curve(num_it: int = 100) -> dict[str, list[float]]:
+    """What a head that memorised its training images gives (issue 15): the smoothed loss starts near
+    zero, and the next ordinary batch (1.26) lifts it past 4x the best, so the test stops after 16 points."""
+    recorder = LossRecorder(warmup=num_it // 10)
+    lrs = []
+    for i, loss in enumerate([0.003, 0.01, 0.02, 0.005, 0.01] * 3 + [1.26, 1.3, 1.1]):
+        lrs.append(1e-7 * 10 ** (8 * i / num_it))
+        if recorder.add(loss):
+            break
+    return {"lr": lrs, "loss": recorder.smooth}
+
+
+def test_a_curve_too_short_to_read_gives_null_suggestions_and_a_warning():
+    curve = memorised_head_curve()
+    assert len(curve["lr"]) == 16  # stopped by the 4x rule at the first ordinary batch
+    summary = lr_find_summary(curve, num_it=100)
+    assert summary["valley"] is summary["minimum"] is summary["steep"] is None
+    assert summary["auto_max_lr_lo"] is summary["auto_max_lr_hi"] is None and summary["iterations"] == 16
+    assert summary["warning"].startswith("lr_find: only 16 points before the loss diverged") and "finetune.max_lr" in summary["warning"]
+
+
+def test_explicit_lrs_ignore_a_failed_lr_find_and_auto_stops_in_one_line(tmp_path):
+    result = tmp_path / "lr_find.json"
+    result.write_text(__import__("json").dumps(lr_find_summary(memorised_head_curve(), num_it=100)))
+    assert choose_max_lr((1e-4, 1e-2), result) == {"lo": 1e-4, "hi": 1e-2, "source": "finetune.max_lr"}
+    with pytest.raises(PetpipeError, match=r"^finetune.max_lr: 'auto' needs lr_find's valley suggestion, but lr_find could not suggest one "
+                       r"\(lr_find: only 16 points.*set finetune.max_lr to \[lo, hi\]") as caught:
+        choose_max_lr("auto", result)
+    assert "\n" not in str(caught.value)

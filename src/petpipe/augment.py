@@ -33,9 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# ImageNet channel statistics: this project normalises with them for every choice of weights.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from petpipe.normalization import IMAGENET, Normalization
+
 LOGIT_EPS = 1e-6  # keeps logit() finite on pure black / white pixels
 
 # The four corners of the image as [x, y] points, in grid_sample coordinates.
@@ -238,17 +237,24 @@ def adjust_lighting(images: Tensor, *, brightness: Tensor, contrast: Tensor) -> 
 
 
 @functools.cache
-def _channel_stats(device: torch.device) -> tuple[Tensor, Tensor]:
-    # Cached per device: building them from Python lists each batch is a blocking copy to the GPU.
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+def channel_stats(normalization: Normalization, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Mean and std as [1, 3, 1, 1] tensors on ``device``."""
+    # Cached: building them from Python lists each batch is a blocking copy to the GPU.
+    mean = torch.tensor(normalization.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(normalization.std, device=device).view(1, 3, 1, 1)
     return mean, std
 
 
-def normalize(images: Tensor) -> Tensor:
-    """ImageNet mean/std normalisation of [B, 3, H, W] values in [0, 1]."""
-    mean, std = _channel_stats(images.device)
+def normalize(images: Tensor, normalization: Normalization = IMAGENET) -> Tensor:
+    """Per-channel mean/std normalisation of [B, 3, H, W] values in [0, 1]."""
+    mean, std = channel_stats(normalization, images.device)
     return ((images - mean) / std).contiguous()
+
+
+def denormalize(images: Tensor, normalization: Normalization = IMAGENET) -> Tensor:
+    """``normalize`` undone: model inputs back to values in [0, 1] (clamped)."""
+    mean, std = channel_stats(normalization, images.device)
+    return (images.float() * std + mean).clamp(0, 1)
 
 
 def to_device(values: Tensor, device: torch.device) -> Tensor:
@@ -262,14 +268,16 @@ def to_device(values: Tensor, device: torch.device) -> Tensor:
 # Entry points
 
 
-def train_batch(images: Tensor, *, size: int, params: AugmentParams | None, generator: torch.Generator) -> Tensor:
+def train_batch(
+    images: Tensor, *, size: int, params: AugmentParams | None, generator: torch.Generator, normalization: Normalization = IMAGENET
+) -> Tensor:
     """Augmented, normalised float32 [B, 3, size, size] from a square batch (uint8, or float 0-255).
 
     ``params=None`` switches augmentation off (ablation): the result is ``valid_batch``'s.
     ``generator`` must be a CPU generator; it alone decides the augmentation.
     """
     if params is None:
-        return valid_batch(images, size=size)
+        return valid_batch(images, size=size, normalization=normalization)
     draw = draw_batch(images.shape[0], params=params, generator=generator)
     # One host-to-device copy per batch: the 3x3 transforms and the two lighting values.
     per_image = torch.cat([batch_transform(draw).flatten(1), draw.brightness[:, None], draw.contrast[:, None]], 1)
@@ -278,11 +286,11 @@ def train_batch(images: Tensor, *, size: int, params: AugmentParams | None, gene
     unit = resample(images, sample_grid(matrix, size=size)) / 255
     if params.max_lighting > 0 and params.p_lighting > 0:
         unit = adjust_lighting(unit, brightness=brightness, contrast=contrast)
-    return normalize(unit)
+    return normalize(unit, normalization)
 
 
-def valid_batch(images: Tensor, *, size: int) -> Tensor:
+def valid_batch(images: Tensor, *, size: int, normalization: Normalization = IMAGENET) -> Tensor:
     """Normalised float32 [B, 3, size, size]: the whole square resampled to ``size`` (fastai's centre crop
     of the presized image), through the same single grid_sample with the identity transform."""
     identity = torch.eye(3, device=images.device).expand(images.shape[0], 3, 3)
-    return normalize(resample(images, sample_grid(identity, size=size)) / 255)
+    return normalize(resample(images, sample_grid(identity, size=size)) / 255, normalization)

@@ -19,6 +19,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from petpipe.errors import PetpipeError
 
 PARAMS_FILE = "params.yaml"
+WEIGHTS_DIR = "weights"  # train.weights files live here: train_frozen depends on the folder (dvc.yaml)
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 class ConfigError(PetpipeError, ValueError):
@@ -142,8 +144,21 @@ class AugmentConfig(Section):
 
 
 class TrainConfig(Section):
-    arch: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="torchvision classification model, e.g. `resnet18`, `resnet34`, `convnext_tiny` (checked against torchvision when the model is built)")
-    weights: str = Field(min_length=1, description="`imagenet` (torchvision's default weights, downloaded once), `none` (random init) or a path to a state dict of the whole torchvision model")
+    arch: str = Field(
+        pattern=r"^([a-z][a-z0-9_]*|timm/[a-z][a-z0-9_]*(\.[a-z0-9_\-]+)?)$",
+        description="torchvision classification model (`resnet34`, `convnext_tiny`) or `timm/<name>` with an optional pretrained tag "
+        "(`timm/convnext_tiny.fb_in22k`, `timm/tf_efficientnet_lite0`), built as fastai's `vision_learner` builds it; checked when the "
+        "model is built, with close matches from both libraries",
+    )
+    weights: str = Field(
+        min_length=1, description="`imagenet` (torchvision's default weights, or timm's pretrained weights for the tag; downloaded once), "
+        f"`none` (random init) or a state-dict file inside `{WEIGHTS_DIR}/` (`.pt`, `.pth`, `.safetensors`) with the library's own key names; "
+        "its classifier keys are ignored. DVC re-runs train_frozen when a file there changes"
+    )  # fmt: skip
+    normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | Literal["auto", "imagenet"] = Field(
+        description="input mean/std: `auto` (those of the weights: timm's `pretrained_cfg`, torchvision's weights; ImageNet's for "
+        "`weights: none`), `imagenet`, or `[[r, g, b], [r, g, b]]` (mean, std of values in [0, 1]). Recorded in the checkpoint and the logged models"
+    )  # fmt: skip
     size: int = Field(ge=1, description="square image size the model sees, for training and validation (<= presize.size)")
     batch_size: int = Field(ge=1, description="mini-batch size")
     num_workers: int | Literal["auto"] = Field(
@@ -152,6 +167,32 @@ class TrainConfig(Section):
     )  # fmt: skip
     augment: AugmentConfig | Literal["none"] = Field(description="batch augmentation (the keys below), or `none` to switch it off for ablations")
     weight_decay: Float = Field(ge=0, description="decoupled (AdamW) weight decay, fastai's default 0.01; not applied to norm layers and biases")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        if value in ("imagenet", "none"):
+            return value
+        path = Path(value)
+        if path.is_absolute() or ".." in path.parts or path.parts[0] != WEIGHTS_DIR or path.suffix not in WEIGHT_SUFFIXES:
+            raise ValueError(
+                f"{value!r} is not allowed: give 'imagenet', 'none' or a state-dict file inside {WEIGHTS_DIR}/ ending in "
+                f"{', '.join(WEIGHT_SUFFIXES)} (e.g. {WEIGHTS_DIR}/resnet34.pth; copy it there, or `dvc add` / `dvc import-url` it, "
+                "so that DVC re-runs training when it changes)"
+            )
+        return value
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize(cls, value: Any) -> Any:
+        if value in ("auto", "imagenet"):
+            return value
+        rows = [[_number(v) for v in row] if isinstance(row, list | tuple) else None for row in value] if isinstance(value, list | tuple) else None
+        ok = rows is not None and len(rows) == 2 and all(row is not None and len(row) == 3 for row in rows)
+        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for row in rows for v in row)
+        if not ok or not all(v > 0 for v in rows[1]):
+            raise ValueError(f"{value!r} is not allowed: give 'auto', 'imagenet' or [[r, g, b], [r, g, b]] (mean, then std > 0)")
+        return tuple(tuple(float(v) for v in row) for row in rows)
 
     @field_validator("num_workers", mode="before")
     @classmethod
@@ -324,8 +365,13 @@ def flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:
         if isinstance(value, BaseModel):
             out.update(flatten(value, f"{prefix}{name}."))
         else:
-            out[f"{prefix}{name}"] = list(value) if isinstance(value, tuple) else value
+            out[f"{prefix}{name}"] = as_lists(value)
     return out
+
+
+def as_lists(value: Any) -> Any:
+    """Tuples (nested too) as lists, as they read in params.yaml."""
+    return [as_lists(v) for v in value] if isinstance(value, tuple) else value
 
 
 def select(cfg: Config, keys: list[str] | tuple[str, ...]) -> dict[str, Any]:

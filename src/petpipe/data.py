@@ -23,6 +23,7 @@ from petpipe import distributed
 from petpipe.augment import AugmentParams, train_batch, valid_batch
 from petpipe.device import Runtime
 from petpipe.errors import PetpipeError
+from petpipe.normalization import IMAGENET, Normalization
 from petpipe.presize import PresizedStore, default_workers
 
 CENTRE = 0.5  # crop position of validation squares
@@ -93,8 +94,12 @@ class CropSampler(Sampler):
 class DeviceLoader:
     """A DataLoader whose batches arrive on the device, transformed (augmented or centred, normalised)."""
 
-    def __init__(self, loader: DataLoader, runtime: Runtime, *, size: int, augment: AugmentParams | None, generator: torch.Generator | None):
+    def __init__(
+        self, loader: DataLoader, runtime: Runtime, *, size: int, augment: AugmentParams | None, generator: torch.Generator | None,
+        normalization: Normalization = IMAGENET,
+    ):  # fmt: skip
         self.loader, self.runtime, self.size, self.augment, self.generator = loader, runtime, size, augment, generator
+        self.normalization = normalization
 
     @property
     def dataset(self) -> SquareCrops:
@@ -112,9 +117,9 @@ class DeviceLoader:
         """uint8 [B, S, S, 3] squares (on the device) -> normalised float [B, 3, size, size]."""
         images = images.permute(0, 3, 1, 2)
         if self.generator is None:
-            out = valid_batch(images, size=self.size)
+            out = valid_batch(images, size=self.size, normalization=self.normalization)
         else:
-            out = train_batch(images, size=self.size, params=self.augment, generator=self.generator)
+            out = train_batch(images, size=self.size, params=self.augment, generator=self.generator, normalization=self.normalization)
         return out.contiguous(memory_format=self.runtime.memory_format)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -166,7 +171,7 @@ def resolve_workers(num_workers: int | str, device: torch.device) -> int:
 
 def make_loader(
     store: PresizedStore, split: str, runtime: Runtime, *, size: int, batch_size: int, num_workers: int | str,
-    augment: AugmentParams | None = None, generator: torch.Generator | None = None,
+    augment: AugmentParams | None = None, generator: torch.Generator | None = None, normalization: Normalization = IMAGENET,
 ) -> DeviceLoader:  # fmt: skip
     """Training loader when ``generator`` is given (shuffled, random crops, augmented, last partial
     batch dropped), else a validation loader (in store order, centre crops)."""
@@ -198,16 +203,17 @@ def make_loader(
     # Augmentation draws from its own stream, so the crop positions and shuffle order stay the same
     # whether or not augmentation is on.
     augment_generator = torch.Generator().manual_seed(generator.initial_seed() + 1 + rank) if train else None
-    return DeviceLoader(loader, runtime, size=size, augment=augment, generator=augment_generator)
+    return DeviceLoader(loader, runtime, size=size, augment=augment, generator=augment_generator, normalization=normalization)
 
 
 def make_loaders(
     store_dir: Path, runtime: Runtime, *, size: int, batch_size: int, num_workers: int | str, augment: AugmentParams | None,
-    generator: torch.Generator,
+    generator: torch.Generator, normalization: Normalization,
 ) -> tuple[DeviceLoader, DeviceLoader]:  # fmt: skip
-    """Training loader (shuffled, random crops, augmented) and validation loader (in order, centre crops)."""
+    """Training loader (shuffled, random crops, augmented) and validation loader (in order, centre crops),
+    both normalised with ``normalization`` (the model's: see ``normalization.resolve_normalization``)."""
     store = PresizedStore(store_dir)
-    common = dict(size=size, batch_size=batch_size, num_workers=num_workers)
+    common = dict(size=size, batch_size=batch_size, num_workers=num_workers, normalization=normalization)
     return (
         make_loader(store, "train", runtime, augment=augment, generator=generator, **common),
         make_loader(store, "valid", runtime, **common),

@@ -202,7 +202,10 @@ def fit_one_cycle(
             if on_epoch_end:
                 on_epoch_end(row)
     # Several torchrun processes: gradients are averaged across them by DistributedDataParallel.
-    net = model if world_size() == 1 else DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    net = model if world_size() == 1 else DistributedDataParallel(
+        model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+        find_unused_parameters=getattr(model, "has_unused_parameters", False),  # timm heads that forward_features skips
+    )  # fmt: skip
     for epoch in range(len(history), epochs):
         started = time.perf_counter()
         train_loss, images = train_one_epoch(net, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}")

@@ -27,9 +27,16 @@ def choose_max_lr(max_lr: tuple[float, float] | str, lr_find_result: Path) -> di
         lo, hi = max_lr
         return {"lo": lo, "hi": hi, "source": "finetune.max_lr"}
     try:
-        lo, hi = auto_max_lr(json.loads(lr_find_result.read_text()))
-    except (OSError, ValueError, KeyError) as err:
+        result = json.loads(lr_find_result.read_text())
+        valley = result["valley"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise PetpipeError(f"finetune.max_lr: 'auto' needs lr_find's result {lr_find_result}, which cannot be read ({err}); run lr_find first") from None
+    if valley is None:
+        raise PetpipeError(
+            f"finetune.max_lr: 'auto' needs lr_find's valley suggestion, but lr_find could not suggest one ({result.get('warning')}); "
+            "set finetune.max_lr to [lo, hi], or change lr_find.start_lr / lr_find.num_it and re-run"
+        )
+    lo, hi = auto_max_lr(result)
     return {"lo": lo, "hi": hi, "source": "lr_find valley"}
 
 

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from petpipe.device import Runtime
-from petpipe.errors import PetpipeError
 from petpipe.engine import make_optimizer, train_step
+from petpipe.finetune_lr import auto_max_lr
 from petpipe.schedule import exp_lr
 
 SMOOTH_BETA = 0.98  # fastai Recorder: exponential moving average of the loss
@@ -145,9 +145,28 @@ def suggest_valley(lrs: np.ndarray, losses: np.ndarray) -> float:
     return float(lrs[max(0, span_start + int(third) + int(third / 2))])
 
 
-def suggest(curve: dict[str, list[float]], num_it: int) -> dict[str, float]:
+SUGGESTIONS = ("valley", "minimum", "steep")
+MIN_POINTS = 3  # fewer points left after trimming give no slope to read
+
+
+def suggest(curve: dict[str, list[float]], num_it: int) -> tuple[dict[str, float | None], str | None]:
+    """fastai's three suggestions, and a warning instead of them when the curve is too short to read.
+
+    A short curve is not an error here: explicit ``finetune.max_lr`` needs no suggestion, so only
+    choose_lr (with ``max_lr: auto``) refuses null suggestions.
+    """
     lrs, losses = trimmed(curve["lr"], curve["loss"], num_it)
-    if len(lrs) < 3:
-        raise PetpipeError(f"lr_find: only {len(curve['lr'])} points before the loss diverged; lower lr_find.start_lr or raise lr_find.num_it")
-    return {"valley": suggest_valley(lrs, losses), "minimum": suggest_minimum(lrs, losses), "steep": suggest_steep(lrs, losses)}
+    if len(lrs) < MIN_POINTS:
+        warning = (f"lr_find: only {len(curve['lr'])} points before the loss diverged, too few to suggest an LR; lower lr_find.start_lr "
+                   "or raise lr_find.num_it, or give finetune.max_lr explicitly")  # fmt: skip
+        return dict.fromkeys(SUGGESTIONS), warning
+    return {"valley": suggest_valley(lrs, losses), "minimum": suggest_minimum(lrs, losses), "steep": suggest_steep(lrs, losses)}, None
+
+
+def lr_find_summary(curve: dict[str, list[float]], num_it: int) -> dict[str, float | str | None]:
+    """lr_find's result file: the suggestions (null when there are none), [lo, hi] for ``max_lr: auto``,
+    the number of points, and the warning (null when the curve could be read)."""
+    suggestions, warning = suggest(curve, num_it)
+    lo, hi = auto_max_lr(suggestions) if warning is None else (None, None)
+    return {**suggestions, "auto_max_lr_lo": lo, "auto_max_lr_hi": hi, "iterations": len(curve["lr"]), "warning": warning}
 

@@ -53,6 +53,7 @@ class LrInfo:
     source: str  # where [lo, hi] came from: "finetune.max_lr" or "lr_find valley"
     frozen_lr: float  # train_frozen's one-cycle peak LR (every layer group; the body is frozen)
     group_lrs: list[float]  # fine-tuning peak LR per layer group, first (earliest layers) to last (head)
+    warning: str | None = None  # lr_find could not suggest LRs (too few points before the loss diverged)
 
 
 # --- params against the profiles -------------------------------------------------------------------------------
@@ -172,8 +173,10 @@ def lr_section(png: bytes, lr: LrInfo) -> str:
     groups = [{"layer group": f"{i + 1}" + (" (head)" if i == n - 1 else " (earliest layers)" if i == 0 else ""),
                "train_frozen": f"{lr.frozen_lr:.3g}" if i == n - 1 else f"{lr.frozen_lr:.3g} (frozen: norm layers only)",
                "finetune": f"{g:.3g}"} for i, g in enumerate(lr.group_lrs)]  # fmt: skip
+    warning = f"<p class='warning'><b>Warning:</b> {esc(lr.warning)}</p>" if lr.warning else ""
     return (
         img_tag(png, "learning-rate finder")
+        + warning
         + f"<p>Fine-tuning used max LRs <b>{lr.lo:.3g} .. {lr.hi:.3g}</b> (from <code>{esc(lr.source)}</code>), spread "
         "geometrically over the layer groups like fastai's <code>slice(lo, hi)</code>; the shaded band and the lines in the plot.</p>"
         + f"<div class='row'><div><h3>Suggestions</h3>{suggestions}</div><div><h3>One-cycle peak LR per layer group</h3>"

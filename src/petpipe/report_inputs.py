@@ -2,7 +2,7 @@
 
 Images come from the real loaders, so the page shows what the model saw: the first training batch
 (the seed's shuffle, crop positions and augmentation, as the training stages draw them) and the
-validation squares after the loader's resample, with the ImageNet normalisation undone.
+validation squares after the loader's resample, with the model's normalisation undone.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from petpipe.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentParams
+from petpipe.augment import AugmentParams, denormalize
 from petpipe.data import CENTRE, DeviceLoader, make_loader
 from petpipe.device import Runtime, loader_seed
 from petpipe.errors import PetpipeError
+from petpipe.normalization import Normalization
 from petpipe.presize import SKIPPED_FILE, PresizedStore
 from petpipe.report import DataInfo, LrInfo
 from petpipe.schedule import discriminative_lrs
@@ -26,16 +27,15 @@ from petpipe.schedule import discriminative_lrs
 LR_SUGGESTIONS = ("valley", "minimum", "steep")  # the suggestions in lr_find's result (its other keys are not LRs to mark)
 
 
-def to_display(batch: torch.Tensor) -> np.ndarray:
-    """Normalised model inputs [B, 3, H, W] -> uint8 pictures [B, H, W, 3]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
-    pixels = ((batch.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+def to_display(batch: torch.Tensor, normalization: Normalization) -> np.ndarray:
+    """Model inputs [B, 3, H, W], normalised with ``normalization`` -> uint8 pictures [B, H, W, 3]."""
+    pixels = (denormalize(batch, normalization) * 255).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def first_training_batch(
-    store: PresizedStore, runtime: Runtime, *, size: int, batch_size: int, augment: AugmentParams | None, seed: int, n: int
+    store: PresizedStore, runtime: Runtime, *, size: int, batch_size: int, augment: AugmentParams | None, seed: int, n: int,
+    normalization: Normalization,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Up to ``n`` images (uint8 [n, H, W, 3]) and class indices of the first training batch.
 
@@ -43,9 +43,11 @@ def first_training_batch(
     loader seed), so this is the batch that ``train_frozen`` trained on first: fastai's ``show_batch``.
     """
     generator = torch.Generator().manual_seed(loader_seed(seed))
-    loader = make_loader(store, "train", runtime, size=size, batch_size=batch_size, num_workers=0, augment=augment, generator=generator)
+    loader = make_loader(
+        store, "train", runtime, size=size, batch_size=batch_size, num_workers=0, augment=augment, generator=generator, normalization=normalization
+    )  # fmt: skip
     images, labels = next(iter(loader))
-    return to_display(images[:n]), labels[:n].cpu().numpy()
+    return to_display(images[:n], normalization), labels[:n].cpu().numpy()
 
 
 def validation_inputs(loader: DeviceLoader, items: np.ndarray) -> np.ndarray:
@@ -53,7 +55,7 @@ def validation_inputs(loader: DeviceLoader, items: np.ndarray) -> np.ndarray:
     if len(items) == 0:
         return np.zeros((0, loader.size, loader.size, 3), dtype=np.uint8)
     squares = torch.stack([loader.dataset[(int(i), CENTRE)][0] for i in items])
-    return to_display(loader.transform(squares.to(loader.runtime.device)))
+    return to_display(loader.transform(squares.to(loader.runtime.device)), loader.normalization)
 
 
 def class_counts(store: PresizedStore) -> list[dict[str, Any]]:
@@ -77,10 +79,12 @@ def skipped_files(**lists: Path) -> list[dict[str, str]]:
 
 def data_info(
     store: PresizedStore, runtime: Runtime, *, labels_skipped: Path, classes: list[str], size: int, batch_size: int,
-    augment: AugmentParams | None, seed: int, n_batch: int,
+    augment: AugmentParams | None, seed: int, n_batch: int, normalization: Normalization,
 ) -> DataInfo:  # fmt: skip
     """Class counts, the files the labels and presize stages skipped, and the first training batch."""
-    batch, labels = first_training_batch(store, runtime, size=size, batch_size=batch_size, augment=augment, seed=seed, n=n_batch)
+    batch, labels = first_training_batch(
+        store, runtime, size=size, batch_size=batch_size, augment=augment, seed=seed, n=n_batch, normalization=normalization
+    )  # fmt: skip
     skipped = skipped_files(labels=labels_skipped, presize=store.out_dir / SKIPPED_FILE)
     return DataInfo(counts=class_counts(store), skipped=skipped, batch=batch, batch_labels=[classes[i] for i in labels])
 
@@ -90,7 +94,8 @@ def lr_info(curve: Path, result: Path, chosen: Path, *, frozen_lr: float, n_grou
     rows, suggestions, picked = read_curve(curve, "lr_find"), read_json(result, "lr_find"), read_json(chosen, "choose_lr")
     lo, hi = float(picked["lo"]), float(picked["hi"])
     return LrInfo(
-        lrs=[r["lr"] for r in rows], losses=[r["loss"] for r in rows], suggestions={k: suggestions[k] for k in LR_SUGGESTIONS if k in suggestions},
+        lrs=[r["lr"] for r in rows], losses=[r["loss"] for r in rows],
+        suggestions={k: suggestions[k] for k in LR_SUGGESTIONS if suggestions.get(k) is not None}, warning=suggestions.get("warning"),
         lo=lo, hi=hi, source=str(picked["source"]), frozen_lr=frozen_lr, group_lrs=discriminative_lrs(lo, hi, n_groups),
     )  # fmt: skip
 

@@ -3,7 +3,7 @@ bytes) in, a DataFrame with ``label`` and ``probability`` out.
 
 Preprocessing is the validation path of training, from the same functions: decode (EXIF-rotated,
 RGB) with the shorter side at the presize size, the centre square, resampled to the training size
-and normalised. No MLflow here: ``tracking.ImageClassifierModel`` wraps it as a pyfunc model.
+and normalised with the mean and std recorded in the checkpoint (those training used). No MLflow here: ``tracking.ImageClassifierModel`` wraps it as a pyfunc model.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from petpipe.augment import valid_batch
 from petpipe.data import CENTRE
 from petpipe.engine import restore
 from petpipe.errors import PetpipeError
+from petpipe.model import TIMM_PREFIX
+from petpipe.normalization import from_meta
 from petpipe.presize import PresizedStore, decode_presized, square_of
 
 IMAGE_COLUMN = "image"
@@ -36,6 +38,8 @@ class ImageClassifier:
         self.model.eval()
         self.classes: list[str] = list(meta["classes"])
         self.size: int = int(meta["size"])
+        self.normalization = from_meta(meta)
+        self.uses_timm = str(meta["arch"]).startswith(TIMM_PREFIX)  # the logged models then need timm to load
         self.presize_size = int(presize_size)
 
     def pixels(self, image: Any) -> np.ndarray:
@@ -48,7 +52,7 @@ class ImageClassifier:
     def inputs(self, images: list[Any]) -> torch.Tensor:
         """What the network takes: float32 NCHW at the training size, normalised as in training."""
         squares = np.stack([self.pixels(image) for image in images])
-        return valid_batch(torch.from_numpy(squares).permute(0, 3, 1, 2).contiguous(), size=self.size)
+        return valid_batch(torch.from_numpy(squares).permute(0, 3, 1, 2).contiguous(), size=self.size, normalization=self.normalization)
 
     @torch.inference_mode()
     def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:

@@ -406,7 +406,7 @@ def log_final_models(run_id: str, checkpoint: str, presize_size: int, example: d
     """Log the final model on the active run ``run_id``, twice (two views of one checkpoint):
 
     - ``model``: the network, ``mlflow.pytorch.log_model`` (torch.export format), float32 NCHW at the
-      training size, normalised with the ImageNet mean/std -> logits; signature and input example.
+      training size, normalised with the mean/std training used (in the metadata) -> logits; signature and input example.
     - ``image_classifier``: a pyfunc taking raw images, a DataFrame column ``image`` of file paths or
       encoded bytes -> ``label``, ``probability``; this is the one registered as ``register_as``
       (alias ``candidate``), the one ``mlflow models serve`` can serve.
@@ -419,11 +419,13 @@ def log_final_models(run_id: str, checkpoint: str, presize_size: int, example: d
     frame = pd.DataFrame(example)
     metadata = {
         "classes": list(classifier.classes), "size": classifier.size, "presize_size": int(presize_size),
+        "normalize": classifier.normalization.as_dict(),
         "preprocessing": f"decode, EXIF-rotate, RGB; shorter side {presize_size} px; centre square; bilinear to {classifier.size} px; "
-                         "scale to [0, 1]; normalise with ImageNet mean/std",
+                         f"scale to [0, 1]; normalise with {classifier.normalization.describe()}",
     }  # fmt: skip
-    _log_torch_model(classifier.model, classifier.inputs(list(frame["image"])).numpy(), len(classifier.classes), metadata)
-    info = _log_pyfunc_classifier(Path(checkpoint), int(presize_size), frame, metadata)
+    requirements = _requirements(timm=classifier.uses_timm)
+    _log_torch_model(classifier.model, classifier.inputs(list(frame["image"])).numpy(), len(classifier.classes), metadata, requirements)
+    info = _log_pyfunc_classifier(Path(checkpoint), int(presize_size), frame, metadata, requirements)
     if register_as:
         try:
             register_model(info.model_uri, register_as, run_id)
@@ -434,11 +436,13 @@ def log_final_models(run_id: str, checkpoint: str, presize_size: int, example: d
                   f"register it from the MLflow UI or with mlflow.register_model('{info.model_uri}', '{register_as}')", file=sys.stderr)  # fmt: skip
 
 
-def _requirements() -> list[str]:
-    return [f"{p}=={importlib.metadata.version(p)}" for p in ("mlflow", "torch", "torchvision", "pillow", "pandas", "numpy", "pydantic", "pyyaml")]
+def _requirements(timm: bool) -> list[str]:
+    """What loading the logged models needs; timm (and its safetensors) only for timm backbones."""
+    packages = ("mlflow", "torch", "torchvision", "pillow", "pandas", "numpy", "pydantic", "pyyaml") + (("timm", "safetensors") if timm else ())
+    return [f"{p}=={importlib.metadata.version(p)}" for p in packages]
 
 
-def _log_torch_model(network: Any, example: Any, n_classes: int, metadata: dict[str, Any]) -> Any:
+def _log_torch_model(network: Any, example: Any, n_classes: int, metadata: dict[str, Any], requirements: list[str]) -> Any:
     import mlflow.pytorch
     import numpy as np
     from mlflow.models import ModelSignature
@@ -448,7 +452,7 @@ def _log_torch_model(network: Any, example: Any, n_classes: int, metadata: dict[
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes))]),
     )
-    logged = dict(name="model", signature=signature, input_example=example, pip_requirements=_requirements(), metadata=metadata)
+    logged = dict(name="model", signature=signature, input_example=example, pip_requirements=requirements, metadata=metadata)
     try:
         return mlflow.pytorch.log_model(network, serialization_format="pt2", **logged)
     except Exception as err:
@@ -459,7 +463,7 @@ def _log_torch_model(network: Any, example: Any, n_classes: int, metadata: dict[
         return mlflow.pytorch.log_model(network, serialization_format="pickle", **logged)
 
 
-def _log_pyfunc_classifier(checkpoint: Path, presize_size: int, example: Any, metadata: dict[str, Any]) -> Any:
+def _log_pyfunc_classifier(checkpoint: Path, presize_size: int, example: Any, metadata: dict[str, Any], requirements: list[str]) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
@@ -469,7 +473,7 @@ def _log_pyfunc_classifier(checkpoint: Path, presize_size: int, example: Any, me
     return mlflow.pyfunc.log_model(  # links the logged model to the active run, the stage's
         name="image_classifier", python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(checkpoint)},
         model_config={"presize_size": presize_size}, code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
-        input_example=example, pip_requirements=_requirements(), metadata=metadata,
+        input_example=example, pip_requirements=requirements, metadata=metadata,
     )  # fmt: skip
 
 

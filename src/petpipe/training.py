@@ -22,6 +22,7 @@ from petpipe.distributed import destroy_process_group, init_process_group, is_ma
 from petpipe.engine import fit_one_cycle, save_checkpoint
 from petpipe.files import write_json, write_rows
 from petpipe.model import count_trainable
+from petpipe.normalization import from_meta
 from petpipe.resume import ResumePoint, clear_state
 from petpipe.tracking import StageRun, stage_run
 
@@ -62,15 +63,16 @@ def fit_and_record(
         return {k: v for k, v in history[-1].items() if k != "epoch"}
     with stage_run(stage, params, **(tracking or {})) as run:
         run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
-        run.log_params({f"{stage}.lr_max_groups": [float(f"{lr:.4g}") for lr in lr_max]})
+        normalization = from_meta(meta)
+        run.log_params({f"{stage}.lr_max_groups": [float(f"{lr:.4g}") for lr in lr_max], f"{stage}.normalize": normalization.as_dict()})
         history = _fit(model, train_loader, valid_loader, epochs, lr_max, pct_start, weight_decay, runtime, resume, run)
         save_checkpoint(checkpoint, model, meta={**meta, "stage": stage, "epochs": epochs})
-        final = {k: v for k, v in history[-1].items() if k != "epoch"} | (extra_metrics or {})
+        extra_metrics = normalization.as_metrics() | (extra_metrics or {})  # the values used: recorded with the results
+        final = {k: v for k, v in history[-1].items() if k != "epoch"} | extra_metrics
         write_json(metrics, final)
         write_rows(plot, history)
         # Outputs first, then logging: an outage from here on cannot cost the written outputs.
-        if extra_metrics:
-            run.log_metrics(extra_metrics)
+        run.log_metrics(extra_metrics)
         run.log_artifact(plot, "curves")
         if on_recorded:
             on_recorded(run, final)
