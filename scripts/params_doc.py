@@ -35,7 +35,8 @@ def describe_type(annotation: Any, metadata: list[Any]) -> str:
         text = " or ".join(parts) + (" or null" if type(None) in typing.get_args(annotation) else "")
         return text + constraints(metadata)
     if origin is tuple:
-        return "`[lo, hi]`"
+        inner = typing.get_args(annotation)
+        return "`[[r, g, b], [r, g, b]]`" if typing.get_origin(inner[0]) is tuple else "`[lo, hi]`"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "mapping"
     names = {int: "int", float: "float", str: "string", bool: "bool"}

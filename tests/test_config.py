@@ -42,6 +42,44 @@ def test_pets_profile_is_lesson_one():
     assert cfg.data.url == "https://s3.amazonaws.com/fast-ai-imageclas/oxford-iiit-pet.tgz"
 
 
+def test_convnext_profile_is_the_current_course_recipe():
+    """fastai's vision_learner(dls, 'convnext_tiny.fb_in22k').fine_tune(3): one frozen epoch at 2e-3 (pct_start 0.99),
+    three unfrozen epochs (pct_start 0.3); the LRs from lr_find's valley."""
+    cfg = load_config(ROOT / "profiles/pets-convnext.yaml")
+    assert (cfg.train.arch, cfg.train.weights, cfg.train.normalize, cfg.presize.size, cfg.train.size) == (
+        "timm/convnext_tiny.fb_in22k", "imagenet", "auto", 460, 224
+    )
+    assert (cfg.train_frozen.epochs, cfg.train_frozen.lr, cfg.train_frozen.pct_start) == (1, 2e-3, 0.99)
+    assert (cfg.finetune.epochs, cfg.finetune.max_lr, cfg.finetune.pct_start) == (3, "auto", 0.3)
+
+
+@pytest.mark.parametrize("arch", ["resnet34", "timm/convnext_tiny.fb_in22k", "timm/resnet50.a1_in1k", "timm/tf_efficientnet_lite0"])
+def test_torchvision_and_timm_names_are_accepted(arch):
+    assert config_from(with_value("train.arch", arch)).train.arch == arch
+
+
+@pytest.mark.parametrize("weights", ["weights/r34.pth", "weights/sub/convnext.safetensors", "weights/x.pt", "imagenet", "none"])
+def test_weights_are_imagenet_none_or_a_file_in_the_weights_folder(weights):
+    assert config_from(with_value("train.weights", weights)).train.weights == weights
+
+
+@pytest.mark.parametrize("weights", ["/abs/r34.pth", "models/r34.pth", "weights/../r34.pth", "weights/r34.bin", "r34.pth"])
+def test_weights_elsewhere_are_refused_with_the_fix(weights):
+    with pytest.raises(ConfigError, match=rf"^train.weights: '{re.escape(weights)}' is not allowed: give 'imagenet', 'none' or a state-dict "
+                       r"file inside weights/ ending in .pt, .pth, .safetensors .*so that DVC re-runs training when it changes"):
+        config_from(with_value("train.weights", weights))
+
+
+def test_normalize_is_auto_imagenet_or_mean_and_std():
+    assert config_from(with_value("train.normalize", "imagenet")).train.normalize == "imagenet"
+    cfg = config_from(with_value("train.normalize", [[0.5, 0.5, 0.5], ["5e-1", 0.5, 1]]))
+    assert cfg.train.normalize == ((0.5, 0.5, 0.5), (0.5, 0.5, 1.0))
+    assert flatten(cfg)["train.normalize"] == [[0.5, 0.5, 0.5], [0.5, 0.5, 1.0]]
+    for bad in ([[0.5, 0.5], [0.5, 0.5]], [[0.5, 0.5, 0.5], [0.5, 0.0, 0.5]], "ImageNet", [[0.5, 0.5, 0.5]], [[0.5, 0.5, ".nan"], [1, 1, 1]]):
+        with pytest.raises(ConfigError, match=r"^train.normalize: .* is not allowed: give 'auto', 'imagenet' or \[\[r, g, b\], \[r, g, b\]\]"):
+            config_from(with_value("train.normalize", bad))
+
+
 def test_unknown_key_names_key_and_allowed_keys():
     raw = with_value("train.batchsize", 32)
     with pytest.raises(ConfigError, match=r"unknown key 'train.batchsize'.*allowed keys at train: arch, weights, normalize, size, batch_size"):

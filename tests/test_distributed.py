@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, write_folder_dataset, write_presized
 from test_stage_spec import load_stage
 
 from petpipe.distributed import torchrun_command
@@ -14,14 +14,14 @@ from petpipe.distributed import torchrun_command
 pytestmark = pytest.mark.slow
 
 
-def train(tmp_path, presized_store, nproc: int) -> tuple[dict, list[str]]:
+def train(tmp_path, presized_store, nproc: int, arch: str = "resnet18", epochs: int = 3, size: int = 16) -> tuple[dict, list[str]]:
     raw = yaml.safe_load((ROOT / "profiles/digits.yaml").read_text())
     raw["device"] = "cpu"
     raw["presize"]["size"] = 24
-    raw["train"].update(size=16, batch_size=8, num_workers=0, augment="none")
-    raw["train_frozen"]["epochs"] = 3
+    raw["train"].update(arch=arch, size=size, batch_size=8, num_workers=0, augment="none")
+    raw["train_frozen"]["epochs"] = epochs
     raw["distributed"]["nproc_per_node"] = nproc
-    out = tmp_path / f"nproc{nproc}"
+    out = tmp_path / f"nproc{nproc}-{arch.replace('/', '-')}"
     out.mkdir()
     (out / "params.yaml").write_text(yaml.safe_dump(raw))
     argv = ["--params", str(out / "params.yaml"), "--presized", str(presized_store), "--checkpoint", str(out / "stage1.pt"),
@@ -46,6 +46,16 @@ def test_two_gloo_processes_train_like_one(tmp_path, presized_store, mlflow_stor
     for key in ("train_loss", "valid_loss"):
         assert abs(first_two[key] - first_one[key]) <= 0.15 * first_one[key], (key, first_one, first_two)
     assert not (tmp_path / ".dvc/tmp/resume").exists() or not any((tmp_path / ".dvc/tmp/resume").iterdir())
+
+
+def test_a_timm_body_with_parameters_forward_features_skips_trains_under_ddp(tmp_path, presized_store, mlflow_store, monkeypatch):
+    """convnext keeps head.norm, which forward_features never uses: DDP must be told to look for unused
+    parameters, or the second step fails ("Expected to have finished reduction in the prior iteration")."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    monkeypatch.chdir(tmp_path)
+    store = write_presized(write_folder_dataset(tmp_path / "ds", per_class=8, valid_per_class=2), tmp_path / "store", size=32)
+    metrics, curve = train(tmp_path, store, 2, arch="timm/convnext_atto", epochs=1, size=32)  # convnext needs 32 px: it downsamples 32x
+    assert len(curve) == 2 and metrics["train_loss"] > 0
 
 
 def test_torchrun_command():

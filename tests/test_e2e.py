@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -27,7 +28,8 @@ def tiny_params(repo: Path, archive: Path) -> dict:
     params = yaml.safe_load((ROOT / "profiles" / "digits.yaml").read_text())
     params["data"].update(url=archive.relative_to(repo).as_posix(), sha256=hashlib.sha256(archive.read_bytes()).hexdigest(), size=None)
     params["presize"]["size"] = 24
-    params["train"].update(size=16, batch_size=12, num_workers=1)  # one worker process: the multi-process loader path
+    # A timm backbone with random weights (no network here), through every stage, the logged models and the report.
+    params["train"].update(arch="timm/resnet10t", size=16, batch_size=12, num_workers=1)  # one worker process: the multi-process loader path
     params["train_frozen"]["epochs"] = 1
     params["lr_find"].update(start_lr=1e-5, end_lr=10.0, num_it=30)
     params["finetune"].update(epochs=1, max_lr="auto")
@@ -122,9 +124,13 @@ def test_one_mlflow_run_per_tracked_stage_in_the_repo_sqlite_store(repo):
         params = dict(db.execute("SELECT p.key, p.value FROM params p JOIN runs r ON p.run_uuid = r.run_uuid WHERE r.name = 'train_frozen'"))
         steps = db.execute("SELECT m.step FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid WHERE r.name = 'train_frozen' AND m.key = 'valid_loss'").fetchall()
     assert names == sorted(TRACKED)  # one run per tracked stage
-    assert params["train.arch"] == "resnet18" and params["train_frozen.epochs"] == "1" and "finetune.epochs" not in params
+    assert params["train.arch"] == "timm/resnet10t" and params["train_frozen.epochs"] == "1" and "finetune.epochs" not in params
+    assert params["train.normalize"] == "auto"
+    assert params["train_frozen.normalize"] == str({"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})  # the values auto chose
     assert steps == [(1,)]
     assert any((repo / "mlartifacts").rglob("report.html"))
+    logged = list((repo / "mlartifacts").rglob("MLmodel"))  # the network and the raw-image pyfunc, each needing timm to load
+    assert len(logged) == 2 and all("timm==" in (m.parent / "requirements.txt").read_text() for m in logged)
 
 
 def test_second_repro_has_nothing_to_do_and_logs_nothing(repo):
@@ -144,6 +150,9 @@ def test_metrics_and_plots_show_read_the_outputs(repo):
     page = (out / "index.html").read_text()
     for title in ("Train and validation loss per epoch", "Validation accuracy per epoch", "LR range test"):
         assert title in page
+    # The LR finder on a log-scale LR axis (.dvc/plots/log_x.json), the other curves on linear ones.
+    spec = page[page.index("LR range test (smoothed loss vs learning rate, log scale)") :]
+    assert re.search(r'"x":\s*\{[^{}]*"field":\s*"lr"[^{}]*"scale":\s*\{\s*"type":\s*"log"', spec), spec[:2000]
 
 
 def test_forced_rerun_reproduces_the_same_bytes(repo):
@@ -182,6 +191,17 @@ def test_editing_one_module_reruns_only_the_stages_that_import_it(repo):
         module.write_text(original)
         lock.write_text(locked)
         run(["dvc", "checkout", "report"], repo)  # the report from before the edit, from the cache
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
+
+
+def test_a_changed_weights_file_reruns_training(repo):
+    """train.weights files live in weights/, a dependency of train_frozen: a new or changed file there re-runs it."""
+    added = repo / "weights" / "resnet10t.pt"
+    added.write_bytes(b"weights")
+    try:
+        assert list(json.loads(run(["dvc", "status", "--json"], repo).stdout)) == ["train_frozen"]
+    finally:
+        added.unlink()
     assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
 
 
@@ -277,5 +297,7 @@ def test_dataset_travels_through_a_dvc_remote(repo, tmp_path):
 
 
 def test_unknown_profile_is_a_clear_make_error(repo):
-    result = subprocess.run(["make", "repro", "PROFILE=nope", f"VENV={Path(sys.prefix)}"], cwd=repo, env=stage_env(), capture_output=True, text=True)
+    # -o: never (re)install into the test run's own environment from this temporary copy (its pyproject.toml may be newer).
+    make = ["make", "-o", f"{Path(sys.prefix)}/bin/.installed", "repro", "PROFILE=nope", f"VENV={Path(sys.prefix)}"]
+    result = subprocess.run(make, cwd=repo, env=stage_env(), capture_output=True, text=True)
     assert result.returncode != 0 and "no profile profiles/nope.yaml; have: digits.yaml" in result.stdout + result.stderr

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import timm
+import torch
 import yaml
 from conftest import BIN, ROOT, copy_store, free_port, make_tarball, start_mlflow_server, stop_mlflow_server, write_folder_dataset
 from mlflow.tracking import MlflowClient
@@ -89,6 +91,11 @@ def executions(tmp_path_factory, mlflow_server):
         stage1_digest = dvc_digest(Path(PATHS["stage1"]))
         params["train_frozen"]["pct_start"] = 0.5
         params["mlflow"]["register_as"] = REGISTERED
+        # The second execution fine-tunes a timm backbone from a weights file, normalised at mean = std = 0.5:
+        # the logged models must apply that normalisation, not ImageNet's.
+        (work / "weights").mkdir()
+        torch.save(timm.create_model("resnet10t").state_dict(), work / "weights/resnet10t.pt")
+        params["train"].update(arch="timm/resnet10t", weights="weights/resnet10t.pt", normalize=[[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
         second = work / "second.yaml"
         second.write_text(yaml.safe_dump(params))
         patch.setenv("PETPIPE_EXECUTION", "second")
@@ -162,6 +169,11 @@ def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(
     import pandas as pd
     import torch
 
+    from petpipe.data import make_loader
+    from petpipe.device import make_runtime
+    from petpipe.engine import predict
+    from petpipe.normalization import Normalization
+    from petpipe.presize import PresizedStore
     from petpipe.serving import ImageClassifier
 
     client = executions["client"]
@@ -194,6 +206,15 @@ def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(
         logits = reference.model(torch.tensor(out["x"])).numpy()
     assert np.asarray(out["x"]).shape[1:] == (3, 16, 16)
     np.testing.assert_allclose(np.asarray(out["logits"]), logits, rtol=1e-4, atol=1e-4)
+    # The pyfunc of a model trained at mean = std = 0.5 gives the probabilities of engine.predict over the
+    # validation loader, which normalises as training did.
+    assert reference.uses_timm and reference.normalization == Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    store = PresizedStore(executions["work"] / PATHS["presized"])
+    loader = make_loader(store, "valid", make_runtime("cpu", "fp32"), size=16, batch_size=64, num_workers=0, normalization=reference.normalization)
+    logits, _ = predict(reference.model, loader, make_runtime("cpu", "fp32"))
+    position = [store.paths[int(i)] for i in loader.dataset.positions].index(image.relative_to(executions["work"] / PATHS["dataset"]).as_posix())
+    probability = torch.softmax(logits[position], 0).max().item()
+    assert out["rows"][0]["probability"] == pytest.approx(probability, abs=1e-4) and out["rows"][1]["probability"] == pytest.approx(probability, abs=1e-4)
 
 
 def test_an_unreachable_server_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
