@@ -146,3 +146,44 @@ def test_explicit_lrs_ignore_a_failed_lr_find_and_auto_stops_in_one_line(tmp_pat
                        r"\(lr_find: only 16 points.*set finetune.max_lr to \[lo, hi\]") as caught:
         choose_max_lr("auto", result)
     assert "\n" not in str(caught.value)
+
+
+def test_the_stages_on_a_curve_that_diverges_at_once(presized_store, tmp_path, monkeypatch, mlflow_store, capsys):
+    """lr_find writes its curve, null suggestions and the warning (exit 0); choose_lr passes explicit LRs on,
+    and stops `auto` with one line."""
+    import json
+
+    import yaml
+    from stage_code import ROOT
+    from test_stage_spec import load_stage
+
+    from petpipe.engine import save_checkpoint
+    from petpipe.model import build_model
+    from petpipe.presize import PresizedStore
+
+    classes = PresizedStore(presized_store).classes
+    save_checkpoint(tmp_path / "stage1.pt", build_model("resnet18", len(classes)), meta={"arch": "resnet18", "classes": classes, "size": 16})
+    raw = yaml.safe_load((ROOT / "profiles/digits.yaml").read_text())
+    raw["train"].update(size=16, batch_size=12, num_workers=0)
+    raw["lr_find"].update(start_lr=10.0, end_lr=1e6, num_it=30)  # diverges within a few mini-batches
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    monkeypatch.chdir(tmp_path)
+    for max_lr in ([1e-3, 1e-2], "auto"):
+        raw["finetune"]["max_lr"] = max_lr
+        params = tmp_path / f"params-{max_lr}.yaml"
+        params.write_text(yaml.safe_dump(raw))
+        argv = ["--params", str(params), "--presized", str(presized_store), "--checkpoint", str(tmp_path / "stage1.pt"),
+                "--result", "lr_find.json", "--plot", "lr_find.csv", "--figure", "lr_find.png"]  # fmt: skip
+        assert load_stage("lr_find").main(argv) == 0
+        result = json.loads((tmp_path / "lr_find.json").read_text())
+        assert result["valley"] is None and result["auto_max_lr_hi"] is None and result["warning"].startswith("lr_find: only ")
+        assert "warning: lr_find: only " in capsys.readouterr().err
+        assert len((tmp_path / "lr_find.csv").read_text().splitlines()) == result["iterations"] + 1 and (tmp_path / "lr_find.png").stat().st_size
+        code = load_stage("choose_lr").main(["--params", str(params), "--lr-find-result", "lr_find.json", "--chosen", "chosen.json"])
+        err = capsys.readouterr().err
+        if max_lr == "auto":
+            assert code != 0 and not (tmp_path / "chosen.json").exists()
+            assert err.strip().count("\n") == 0 and "finetune.max_lr: 'auto' needs lr_find's valley suggestion" in err
+        else:
+            assert code == 0 and json.loads((tmp_path / "chosen.json").read_text()) == {"lo": 1e-3, "hi": 1e-2, "source": "finetune.max_lr"}
+            (tmp_path / "chosen.json").unlink()

@@ -177,3 +177,26 @@ def test_report_stage_on_a_tiny_store(presized_store, tmp_path, monkeypatch, mlf
     assert {"report.html", "summary.md", "predictions.csv", "interpretation/show_batch.png"} <= artifacts
     assert logged.data.params["train.arch"] == "resnet18" and "train.num_workers" not in logged.data.params
 
+
+
+def test_the_lr_finder_section_shows_lr_finds_warning_and_no_suggestions():
+    lr = rp.LrInfo(lrs=[1e-7, 2e-7], losses=[0.01, 0.4], suggestions={}, lo=1e-3, hi=1e-2, source="finetune.max_lr", frozen_lr=1e-2,
+                   group_lrs=[1e-3, 1e-2], warning="lr_find: only 2 points before the loss diverged, too few to suggest an LR")  # fmt: skip
+    html = rp.lr_section(b"png", lr)
+    assert "<b>Warning:</b> lr_find: only 2 points before the loss diverged" in html and "valley" not in html
+    assert "<b>Warning:</b>" not in rp.lr_section(b"png", rp.LrInfo(**{**lr.__dict__, "warning": None}))
+
+
+def test_show_batch_undoes_the_models_own_normalisation():
+    """A batch normalised at mean = std = 0.5 comes back as the pixels it was made from (not as ImageNet-undone colours)."""
+    import torch
+
+    from petpipe.augment import normalize
+    from petpipe.normalization import IMAGENET, Normalization
+    from petpipe.report_inputs import to_display
+
+    half = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    shown = to_display(normalize(pixels.float() / 255, half), half)
+    assert np.array_equal(shown, pixels.permute(0, 2, 3, 1).numpy())
+    assert not np.array_equal(to_display(normalize(pixels.float() / 255, half), IMAGENET), shown)

@@ -43,6 +43,7 @@ def lr_find_figure(
         ax.axvline(lr, color="#f58518", linewidth=1)
     for (name, lr), marker in zip(suggestions.items(), "ov^sD"):
         ax.plot(lr, np.interp(np.log(lr), np.log(lrs), losses), marker, label=f"{name}: {lr:.2e}")
-    ax.set(xscale="log", xlabel="Learning rate", ylabel="Loss (smoothed)", title="LR range test")
-    ax.legend(fontsize=8)
+    ax.set(xscale="log", xlabel="Learning rate", ylabel="Loss (smoothed)", title="LR range test" + ("" if suggestions else " (no suggestions)"))
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when lr_find could not suggest and no LRs are chosen
+        ax.legend(fontsize=8)
     return figure_png(fig)
