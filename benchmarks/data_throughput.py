@@ -52,7 +52,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from petpipe.augment import AugmentParams
+from petpipe.augment import AugmentParams, fastai_augment
 from petpipe.data import DeviceLoader, make_loaders, resolve_workers
 from petpipe.device import Runtime, make_runtime, seed_everything
 from petpipe.engine import fit_one_cycle, make_optimizer, predict, train_step
@@ -533,7 +533,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             store_dir = workdir / "stores" / f"{setting.data}-{setting.presize}"
             stores[key] = (store_dir, *build_store(datasets[setting.data], setting.data, store_dir, presize=setting.presize, seed=args.seed))
         store_dir, presize_rate, n_train, n_valid = stores[key]
-        augment = AugmentParams(flip=setting.data != "digits")  # a mirrored digit is another glyph (as params.yaml)
+        augment = fastai_augment(flip=setting.data != "digits")  # a mirrored digit is another glyph (as params.yaml)
         ours = measure(setting, store_dir, runtime, epochs=epochs, lr=args.lr, num_workers=num_workers, seed=args.seed, augment=augment,
                        warmup=args.warmup)  # fmt: skip
         row = {"setting": setting.name, **asdict(setting), "epochs": epochs, "n_train": n_train, "n_valid": n_valid,

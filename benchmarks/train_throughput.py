@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from petpipe.augment import AugmentParams
+from petpipe.augment import fastai_augment
 from petpipe.data import make_loaders
 from petpipe.normalization import IMAGENET
 from petpipe.device import Runtime, pick_device, pick_precision, seed_everything
@@ -115,7 +115,7 @@ def check(runtime: Runtime, *, arch: str, size: int, batch_size: int, classes: i
     model = build_model(arch, classes)
     head_before = model[1][-1].weight.detach().clone()
     store = synthetic_store(checkpoint.parent / "presized", n=8 * batch_size, size=size, classes=classes)
-    train, valid = make_loaders(store, runtime, size=size, batch_size=batch_size, num_workers="auto", augment=AugmentParams(), generator=seed_everything(0), normalization=IMAGENET)
+    train, valid = make_loaders(store, runtime, size=size, batch_size=batch_size, num_workers="auto", augment=fastai_augment(), generator=seed_everything(0), normalization=IMAGENET)
     history = fit_one_cycle(model, train, valid, epochs=1, lr_max=[1e-4, 1e-3, 1e-2], pct_start=0.25, weight_decay=0.01, runtime=runtime)
     assert math.isfinite(history[0]["train_loss"]) and math.isfinite(history[0]["valid_loss"]), history
     assert not torch.equal(model[1][-1].weight.detach().cpu(), head_before), "no optimizer step was taken (all skipped?)"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from petpipe.augment import (
     CORNERS,
-    AugmentParams,
+    fastai_augment,
     adjust_lighting,
     batch_transform,
     crop_matrix,
@@ -31,8 +31,8 @@ from petpipe.augment import (
 )
 
 # Every random step off (geometry and lighting), so train_batch must reduce to valid_batch.
-NO_CHANCE = AugmentParams(flip=False, p_affine=0.0, min_scale=1.0, p_lighting=0.0)
-NO_MAGNITUDE = AugmentParams(flip=False, max_rotate=0.0, min_zoom=1.0, max_zoom=1.0, max_warp=0.0, min_scale=1.0, max_lighting=0.0)
+NO_CHANCE = fastai_augment(flip=False, p_affine=0.0, min_scale=1.0, p_lighting=0.0)
+NO_MAGNITUDE = fastai_augment(flip=False, max_rotate=0.0, min_zoom=1.0, max_zoom=1.0, max_warp=0.0, min_scale=1.0, max_lighting=0.0)
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -97,7 +97,7 @@ def test_flip_mirrors_the_width():
 
 def test_train_batch_flips_about_half_the_images():
     images = random_images(batch=16, side=10)
-    only_flip = AugmentParams(flip=True, p_affine=0.0, min_scale=1.0, max_lighting=0.0)
+    only_flip = fastai_augment(flip=True, p_affine=0.0, min_scale=1.0, max_lighting=0.0)
     out = train_batch(images, size=10, params=only_flip, generator=generator())
     plain = valid_batch(images, size=10)
     flipped = [bool(torch.allclose(o, p.flip(-1), atol=1e-4)) for o, p in zip(out, plain)]
@@ -205,7 +205,7 @@ def test_lighting_follows_the_logit_formula():
 
 def test_train_batch_applies_the_drawn_lighting_per_image():
     images = torch.full((8, 3, 6, 6), 77, dtype=torch.uint8)
-    only_lighting = AugmentParams(flip=False, p_affine=0.0, min_scale=1.0, max_lighting=0.2, p_lighting=1.0)
+    only_lighting = fastai_augment(flip=False, p_affine=0.0, min_scale=1.0, max_lighting=0.2, p_lighting=1.0)
     out = train_batch(images, size=6, params=only_lighting, generator=generator(3))
     draw = draw_batch(8, params=only_lighting, generator=generator(3))
     logit = torch.logit(torch.tensor(77 / 255, dtype=torch.float64))
@@ -215,7 +215,7 @@ def test_train_batch_applies_the_drawn_lighting_per_image():
 
 
 def test_draws_respect_ranges_and_probabilities():
-    params = AugmentParams()
+    params = fastai_augment()
     draw = draw_batch(4000, params=params, generator=generator())
     rotated, zoomed, warped = draw.degrees != 0, draw.zoom != 1, draw.warp_x != 0
     for applied in (rotated, zoomed, warped, draw.brightness != 0.5, draw.contrast != 1):
@@ -227,7 +227,7 @@ def test_draws_respect_ranges_and_probabilities():
     assert draw.crop_side.min() >= math.sqrt(0.75) - 1e-12 and draw.crop_side.max() <= 1
     assert draw.brightness.min() >= 0.4 and draw.brightness.max() <= 0.6
     assert draw.contrast.min() >= 0.8 - 1e-12 and draw.contrast.max() <= 1.25 + 1e-12
-    assert not draw_batch(100, params=AugmentParams(flip=False), generator=generator()).flip.any()
+    assert not draw_batch(100, params=fastai_augment(flip=False), generator=generator()).flip.any()
 
 
 def test_one_resample_per_batch(monkeypatch):
@@ -243,7 +243,7 @@ def test_one_resample_per_batch(monkeypatch):
     monkeypatch.setattr(F, "grid_sample", counting("grid_sample", F.grid_sample))
     monkeypatch.setattr(F, "interpolate", counting("interpolate", F.interpolate))
     images = random_images(side=16)
-    train_batch(images, size=8, params=AugmentParams(), generator=generator())
+    train_batch(images, size=8, params=fastai_augment(), generator=generator())
     assert calls == {"grid_sample": 1, "interpolate": 0}
     valid_batch(images, size=8)
     assert calls == {"grid_sample": 2, "interpolate": 0}
@@ -251,32 +251,35 @@ def test_one_resample_per_batch(monkeypatch):
 
 def test_same_seed_same_batch_other_seed_other_batch():
     images = random_images(side=16)
-    first = train_batch(images, size=8, params=AugmentParams(), generator=generator(1))
-    assert torch.equal(first, train_batch(images, size=8, params=AugmentParams(), generator=generator(1)))
-    assert not torch.allclose(first, train_batch(images, size=8, params=AugmentParams(), generator=generator(2)))
+    first = train_batch(images, size=8, params=fastai_augment(), generator=generator(1))
+    assert torch.equal(first, train_batch(images, size=8, params=fastai_augment(), generator=generator(1)))
+    assert not torch.allclose(first, train_batch(images, size=8, params=fastai_augment(), generator=generator(2)))
 
 
 def test_output_shape_dtype_and_input_types():
     images = random_images(batch=3, side=21)
-    out = train_batch(images, size=13, params=AugmentParams(), generator=generator())
+    out = train_batch(images, size=13, params=fastai_augment(), generator=generator())
     assert out.shape == (3, 3, 13, 13) and out.dtype == torch.float32 and out.is_contiguous()
     assert torch.isfinite(out).all()
-    as_float = train_batch(images.float(), size=13, params=AugmentParams(), generator=generator())
+    as_float = train_batch(images.float(), size=13, params=fastai_augment(), generator=generator())
     torch.testing.assert_close(as_float, out)
     assert valid_batch(images, size=13).shape == (3, 3, 13, 13)
 
 
-def test_invalid_params_name_the_key_and_the_accepted_values():
-    with pytest.raises(ValueError, match=r"min_scale=0\.0.*\(0, 1\]"):
-        AugmentParams(min_scale=0.0)
-    with pytest.raises(ValueError, match="p_affine"):
-        AugmentParams(p_affine=1.5)
+def test_the_settings_are_validated_as_the_params_files_augment_section():
+    """One definition (config.AugmentConfig): the library trusts what it validated."""
+    with pytest.raises(ValueError, match=r"min_scale\n.*greater than 0"):
+        fastai_augment(min_scale=0.0)
+    with pytest.raises(ValueError, match=r"p_affine\n.*less than or equal to 1"):
+        fastai_augment(p_affine=1.5)
+    with pytest.raises(ValueError, match="max_zoom.*must be >= train.augment.min_zoom"):
+        fastai_augment(min_zoom=1.2, max_zoom=1.1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_for_the_same_seed():
     images = random_images(batch=8, side=40)
-    cpu = train_batch(images, size=24, params=AugmentParams(), generator=generator(5))
-    cuda = train_batch(images.cuda(), size=24, params=AugmentParams(), generator=generator(5))
+    cpu = train_batch(images, size=24, params=fastai_augment(), generator=generator(5))
+    cuda = train_batch(images.cuda(), size=24, params=fastai_augment(), generator=generator(5))
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=1e-3)
     torch.testing.assert_close(valid_batch(images.cuda(), size=24).cpu(), valid_batch(images, size=24), rtol=0, atol=1e-4)

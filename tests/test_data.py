@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from petpipe.augment import AugmentParams, valid_batch
+from petpipe.augment import fastai_augment, valid_batch
 from petpipe.data import CENTRE, CropSampler, make_loader, make_loaders, resolve_workers
 from petpipe.device import make_runtime
 from petpipe.normalization import IMAGENET
@@ -18,7 +18,7 @@ def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
-def train_loader(store_dir, *, num_workers=0, augment=AugmentParams(), seed=0):
+def train_loader(store_dir, *, num_workers=0, augment=fastai_augment(), seed=0):
     return make_loader(PresizedStore(store_dir), "train", CPU, size=16, batch_size=8, num_workers=num_workers, augment=augment,
                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
 
@@ -102,7 +102,7 @@ def test_staging_one_batch_ahead_changes_nothing(presized_store, device):
     """Batch i+1 is staged (on CUDA: on a side stream) before batch i is handed out: same batches, same order, every epoch."""
     runtime = make_runtime(device, "fp32")
     made = lambda: make_loader(PresizedStore(presized_store), "train", runtime, size=16, batch_size=8, num_workers=0,  # noqa: E731
-                               augment=AugmentParams(), generator=torch.Generator().manual_seed(3))  # fmt: skip
+                               augment=fastai_augment(), generator=torch.Generator().manual_seed(3))  # fmt: skip
     staged, reference = made(), made()
     if device == "cuda":  # slow the side stream down: a batch handed out before its event would be read half-made
         transform = staged.transform

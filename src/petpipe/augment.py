@@ -28,11 +28,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from petpipe.config import AugmentConfig
 from petpipe.normalization import IMAGENET, Normalization
 
 LOGIT_EPS = 1e-6  # keeps logit() finite on pure black / white pixels
@@ -41,33 +43,15 @@ LOGIT_EPS = 1e-6  # keeps logit() finite on pure black / white pixels
 CORNERS = ((-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0))
 
 
-@dataclass(frozen=True)
-class AugmentParams:
-    """Augmentation settings; the defaults are fastai ``aug_transforms(min_scale=0.75)``."""
+# The settings are the params file's train.augment section: defined, documented and validated once, in config.
+AugmentParams = AugmentConfig
+# fastai's aug_transforms(min_scale=0.75) defaults (the pets profiles use them).
+FASTAI_DEFAULTS = dict(flip=True, max_rotate=10.0, min_zoom=1.0, max_zoom=1.1, max_warp=0.2, p_affine=0.75, min_scale=0.75, max_lighting=0.2, p_lighting=0.75)
 
-    flip: bool = True  # horizontal flip with probability 0.5
-    max_rotate: float = 10.0  # degrees, drawn from U(-max_rotate, max_rotate)
-    min_zoom: float = 1.0
-    max_zoom: float = 1.1
-    max_warp: float = 0.2  # perspective magnitude, drawn from U(-max_warp, max_warp) per axis
-    p_affine: float = 0.75  # probability of each of rotate / zoom / warp, independently per image
-    min_scale: float = 0.75  # random resized crop: lower bound of the kept area fraction (square)
-    max_lighting: float = 0.2
-    p_lighting: float = 0.75  # probability of brightness and of contrast, independently
 
-    def __post_init__(self) -> None:
-        checks = {
-            "max_rotate": (self.max_rotate >= 0, "a number >= 0"),
-            "min_zoom": (0 < self.min_zoom <= self.max_zoom, f"a number in (0, max_zoom={self.max_zoom}]"),
-            "max_warp": (0 <= self.max_warp < 1, "a number in [0, 1)"),
-            "p_affine": (0 <= self.p_affine <= 1, "a probability in [0, 1]"),
-            "min_scale": (0 < self.min_scale <= 1, "an area fraction in (0, 1]"),
-            "max_lighting": (0 <= self.max_lighting < 1, "a number in [0, 1)"),
-            "p_lighting": (0 <= self.p_lighting <= 1, "a probability in [0, 1]"),
-        }
-        for name, (ok, accepted) in checks.items():
-            if not ok:
-                raise ValueError(f"augment {name}={getattr(self, name)!r}: expected {accepted}")
+def fastai_augment(**changes: Any) -> AugmentParams:
+    """fastai's defaults with ``changes``, validated as a params file's ``train.augment`` is."""
+    return AugmentParams.model_validate({**FASTAI_DEFAULTS, **changes})
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,7 @@ def pick_device(requested: str) -> torch.device:
     available = {"cuda": torch.cuda.is_available(), "mps": bool(mps and mps.is_available()), "cpu": True}
     if requested == "auto":
         return torch.device(next(name for name in ("cuda", "mps", "cpu") if available[name]))
-    if requested not in available:
-        raise PetpipeError(f"device: {requested!r} is not allowed; allowed: auto, cuda, mps, cpu")
-    if not available[requested]:
+    if not available[requested]:  # ``requested`` is one of config's values: auto, cuda, mps, cpu
         usable = ", ".join(n for n, ok in available.items() if ok)
         raise PetpipeError(f"device: {requested!r} was requested but is not available here; usable: auto, {usable}")
     return torch.device(requested)

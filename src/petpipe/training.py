@@ -94,6 +94,6 @@ def _fit(
     return history
 
 
-def augment_params(augment: Any) -> AugmentParams | None:
-    """``train.augment`` (a section, or ``none``) -> the augmentation's arguments."""
-    return None if augment == "none" else AugmentParams(**augment.model_dump())
+def augment_params(augment: AugmentParams | str) -> AugmentParams | None:
+    """``train.augment`` (a validated section, or ``none``) -> the augmentation's argument (None: off)."""
+    return None if augment == "none" else augment
