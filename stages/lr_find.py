@@ -25,7 +25,8 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Pa
     from petpipe.finetune_lr import auto_max_lr
     from petpipe.lr_find import lr_range_test, suggest
     from petpipe.model import unfreeze
-    from petpipe.tracking import preflight, stage_run
+    from petpipe.tracking.runs import stage_run
+    from petpipe.tracking.store import preflight
     from petpipe.training import augment_params, prepare
 
     preflight()  # the tracking server answers, or one line and no work

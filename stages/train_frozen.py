@@ -21,7 +21,7 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: P
     from petpipe.data import make_loaders
     from petpipe.model import build_model, freeze_body, layer_groups
     from petpipe.resume import resume_point
-    from petpipe.tracking import preflight
+    from petpipe.tracking.store import preflight
     from petpipe.training import augment_params, fit_and_record, prepare
 
     preflight()  # the tracking server answers, or one line and no work

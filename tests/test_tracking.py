@@ -6,7 +6,8 @@ from conftest import ROOT, copy_store
 from mlflow.tracking import MlflowClient
 
 from petpipe import lineage
-from petpipe.tracking import TrackingError, check_tracking, default_artifact_location, repo_root, stage_run, tracking_uri
+from petpipe.tracking.runs import stage_run
+from petpipe.tracking.store import TrackingError, check_tracking, default_artifact_location, repo_root, tracking_uri
 
 
 def test_repo_root_from_dvc_root_and_from_a_dvc_temp_workspace(tmp_path):
@@ -145,7 +146,7 @@ def test_a_stop_during_the_store_writes_of_the_setup_ends_both_runs_killed(tmp_p
     import os
     import signal
 
-    import petpipe.tracking as tracking
+    import petpipe.tracking.runs as tracking
     from petpipe.signals import stop_on_signals
 
     copy_store(mlflow_template, tmp_path / "mlflow.db")

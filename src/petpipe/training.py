@@ -23,7 +23,7 @@ from petpipe.engine import fit_one_cycle, save_checkpoint
 from petpipe.files import write_json, write_rows
 from petpipe.model import count_trainable
 from petpipe.resume import ResumePoint, clear_state
-from petpipe.tracking import StageRun, stage_run
+from petpipe.tracking.runs import StageRun, stage_run
 
 
 def prepare(*, device: str, precision: str, seed: int, backend: str = "auto") -> tuple[Runtime, torch.Generator]:
