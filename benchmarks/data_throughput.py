@@ -56,7 +56,7 @@ from petpipe.augment import AugmentParams, fastai_augment
 from petpipe.data import DeviceLoader, make_loaders, resolve_workers
 from petpipe.device import Runtime, make_runtime, seed_everything
 from petpipe.engine import fit_one_cycle, make_optimizer, predict, train_step
-from petpipe.fetch import extract
+from petpipe.archive import extract
 from petpipe.labels import make_table
 from petpipe.model import build_model, layer_groups, unfreeze
 from petpipe.normalization import IMAGENET

@@ -16,7 +16,8 @@ PARAMS = ("data.url", "data.sha256", "data.md5", "data.size", "data.max_members"
 
 def run(cfg: Config, *, dataset: Path) -> dict:
     from petpipe.fetch import fetch
-    from petpipe.tracking import repo_root, stage_run
+    from petpipe.tracking.runs import stage_run
+    from petpipe.tracking.store import repo_root
 
     with stage_run("fetch", select(cfg, PARAMS), resolved=flatten(cfg), dataset=dataset, outputs={"dataset": dataset}) as mlflow_run:
         result = fetch(

@@ -27,7 +27,7 @@ def run(
     from petpipe.normalization import from_meta
     from petpipe.resume import resume_point
     from petpipe.schedule import discriminative_lrs
-    from petpipe.tracking import preflight
+    from petpipe.tracking.store import preflight
     from petpipe.training import augment_params, fit_and_record, prepare
 
     preflight()  # the tracking server answers, or one line and no work
@@ -54,9 +54,10 @@ def log_final_model(run, result: dict, *, final: Path, store, register_as: str |
     """The execution's headline numbers on its parent run, and the final model, once (the network, and a pyfunc taking raw
     images, registered as ``register_as`` when it is set)."""
     from petpipe.serving import example_input
+    from petpipe.tracking.models import log_final_models
 
     run.log_headline(result)
-    run.log_image_classifier(final, presize_size=store.size, example=example_input(store), register_as=register_as)
+    log_final_models(run, final, presize_size=store.size, example=example_input(store), register_as=register_as)
 
 
 def main(argv: list[str] | None = None) -> int:

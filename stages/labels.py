@@ -20,7 +20,7 @@ PARAMS = (
 def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str, int]:
     from petpipe.files import write_json
     from petpipe.labels import make_table, write_table
-    from petpipe.tracking import stage_run
+    from petpipe.tracking.runs import stage_run
 
     with stage_run(
         "labels", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"dataset": dataset}, dataset=dataset,

@@ -25,7 +25,8 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Pa
     from petpipe.lr_find import SUGGESTIONS, lr_find_summary, lr_range_test
     from petpipe.model import unfreeze
     from petpipe.normalization import from_meta
-    from petpipe.tracking import preflight, stage_run
+    from petpipe.tracking.runs import stage_run
+    from petpipe.tracking.store import preflight
     from petpipe.training import augment_params, prepare
 
     preflight()  # the tracking server answers, or one line and no work

@@ -21,7 +21,7 @@ def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_
     from petpipe.files import write_json
     from petpipe.labels import read_table
     from petpipe.presize import default_workers, write_store
-    from petpipe.tracking import stage_run
+    from petpipe.tracking.runs import stage_run
 
     with stage_run(
         "presize", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"dataset": dataset, "labels": table_csv.parent}, dataset=dataset,

@@ -58,7 +58,8 @@ def run(
     from petpipe.model import layer_groups
     from petpipe.normalization import from_meta
     from petpipe.presize import PresizedStore
-    from petpipe.tracking import preflight, stage_run
+    from petpipe.tracking.runs import stage_run
+    from petpipe.tracking.store import preflight
     from petpipe.training import augment_params
 
     started = time.perf_counter()

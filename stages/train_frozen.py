@@ -23,7 +23,7 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: P
     from petpipe.normalization import resolve_normalization
     from petpipe.presize import PresizedStore
     from petpipe.resume import resume_point
-    from petpipe.tracking import preflight
+    from petpipe.tracking.store import preflight
     from petpipe.training import augment_params, fit_and_record, prepare
 
     preflight()  # the tracking server answers, or one line and no work

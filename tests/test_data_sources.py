@@ -15,8 +15,8 @@ from http_faults import FaultyServer
 from PIL import Image
 from test_stage_spec import load_stage
 
-from petpipe import fetch as fetch_module
-from petpipe.fetch import Network
+from petpipe import download as download_module
+from petpipe.download import Network
 
 BREEDS = {"great_pyrenees": (230, 230, 230), "Bengal": (200, 120, 40)}
 
@@ -25,7 +25,7 @@ BREEDS = {"great_pyrenees": (230, 230, 230), "Bengal": (200, 120, 40)}
 def params(tmp_path, monkeypatch, mlflow_store):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     monkeypatch.setenv("PETPIPE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(fetch_module, "NETWORK", Network(tries=3, backoff=0.01))
+    monkeypatch.setattr(download_module, "NETWORK", Network(tries=3, backoff=0.01))
     monkeypatch.chdir(tmp_path)
     raw = yaml.safe_load((ROOT / "profiles/pets.yaml").read_text())
     raw.update(device="cpu", seed=0)

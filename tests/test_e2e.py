@@ -205,6 +205,19 @@ def test_a_changed_weights_file_reruns_training(repo):
     assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
 
 
+def test_editing_the_model_logging_or_the_replay_outdates_only_their_users(repo):
+    """The tracking package is split so that model logging is finetune's code alone and replay no stage's."""
+    for module, users in (("src/petpipe/tracking/models.py", ["finetune"]), ("src/petpipe/tracking/replay.py", [])):
+        path = repo / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        try:
+            assert sorted(json.loads(run(["dvc", "status", "--json"], repo).stdout)) == users, module
+        finally:
+            path.write_text(original)
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
+
+
 def test_experiment_reruns_exactly_the_stages_that_read_the_param(repo):
     before = runs_by_stage(repo)
     result = run(["dvc", "exp", "run", "-n", "two-epochs", "-S", "finetune.epochs=2"], repo)

@@ -78,3 +78,12 @@ def test_fetch_and_labels_do_not_load_torch_code():
 def test_editing_the_report_html_code_touches_only_the_report_stage():
     users = [stage for stage in STAGES if "src/petpipe/report.py" in declared_code(stage)]
     assert users == ["report"]
+
+
+def test_model_logging_touches_only_finetune_and_replay_no_stage():
+    """Only finetune logs the model; replay runs after an outage, outside any stage."""
+    assert [stage for stage in STAGES if "src/petpipe/tracking/models.py" in declared_code(stage)] == ["finetune"]
+    assert [stage for stage in STAGES if "src/petpipe/tracking/replay.py" in declared_code(stage)] == []
+    for stage in ("fetch", "labels", "presize"):
+        names = {p.relative_to(ROOT).as_posix() for p in project_files(ROOT / "stages" / f"{stage}.py")}
+        assert not names & {"src/petpipe/tracking/models.py", "src/petpipe/serving.py"}, stage

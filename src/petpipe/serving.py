@@ -3,7 +3,8 @@ bytes) in, a DataFrame with ``label`` and ``probability`` out.
 
 Preprocessing is the validation path of training, from the same functions: decode (EXIF-rotated,
 RGB) with the shorter side at the presize size, the centre square, resampled to the training size
-and normalised with the mean and std recorded in the checkpoint (those training used). No MLflow here: ``tracking.ImageClassifierModel`` wraps it as a pyfunc model.
+and normalised with the mean and std recorded in the checkpoint (those training used). No MLflow here:
+``tracking.models.ImageClassifierModel`` wraps it as a pyfunc model.
 """
 
 from __future__ import annotations

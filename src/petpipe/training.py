@@ -24,7 +24,7 @@ from petpipe.files import write_json, write_rows
 from petpipe.model import count_trainable
 from petpipe.normalization import from_meta
 from petpipe.resume import ResumePoint, clear_state
-from petpipe.tracking import StageRun, stage_run
+from petpipe.tracking.runs import StageRun, stage_run
 
 
 def prepare(*, device: str, precision: str, seed: int, backend: str = "auto") -> tuple[Runtime, torch.Generator]:
