@@ -105,6 +105,7 @@ def dvc_repo(root) -> None:
     subprocess.run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd=root, env=DVC_ENV, check=True)
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(ROOT / "assets" / "vega", root / "assets" / "vega")
+    shutil.copytree(ROOT / ".dvc" / "plots", root / ".dvc" / "plots")  # custom templates (log_x: the LR finder's log-scale axis)
     config = configparser.ConfigParser()
     config.read(ROOT / ".dvc" / "config")
     assert config["plots"]["html_template"] == "../assets/vega/plots.html"  # relative to .dvc/
