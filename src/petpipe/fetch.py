@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from petpipe.errors import PetpipeError
-from petpipe.files import hash_file, staged_dir
+from petpipe.errors import PetpipeError, full_disk_cause
+from petpipe.files import hash_file, naming_full_disk, staged_dir
 from petpipe.signals import raise_if_stopped
 
 try:  # POSIX: parallel fetches of one URL (queued experiments) take turns on the cache folder
@@ -256,13 +256,21 @@ def _download_once(url: str, part: Path, expected_size: int | None, network: Net
             part.unlink(missing_ok=True)
             page = " (an HTML page: an error, login or proxy page?)" if response.headers.get_content_type() == "text/html" else ""
             raise FetchError(f"data.size: {url} is {total:,} bytes{page}, params expect {expected_size:,}; check data.url, or update data.size")
-        with open(part, "ab" if have else "wb") as out, progress_meter(PurePosixPath(urllib.parse.urlsplit(url).path).name, total, have) as update:
+        name = PurePosixPath(urllib.parse.urlsplit(url).path).name
+        kept = "the partial download is kept: free space on its disk and run the stage again to resume it"
+        with (
+            naming_full_disk(part, then=kept),
+            open(part, "ab" if have else "wb") as out,
+            progress_meter(name, total, have) as update,
+        ):
             try:
                 while chunk := response.read1(CHUNK):  # what has arrived: a timeout loses nothing
                     raise_if_stopped()  # the .part file is kept: the next try resumes it
                     out.write(chunk)
                     update(len(chunk))
             except (OSError, http.client.HTTPException) as err:
+                if full_disk_cause(err):
+                    raise  # not the network's fault: another try would fill the disk again
                 raise _TryAgain(f"the download of {url} broke off after {out.tell():,} bytes ({err or type(err).__name__})") from None
     got = _size(part)
     if total is not None and got != total:
