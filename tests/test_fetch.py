@@ -12,9 +12,11 @@ import zipfile
 import pytest
 from conftest import free_port, tar_bytes
 from http_faults import FaultyServer
+from small_disk import SmallDisk
 
 from petpipe import fetch as fetch_module
 from petpipe.config import ConfigError, parse_config
+from petpipe.errors import DiskFullError
 from petpipe.fetch import ArchiveLimitError, FetchError, Network, cache_dir, cached_archive, download, extract, fetch, local_path, progress_meter
 
 FAST = Network(tries=3, connect_timeout=2.0, read_timeout=2.0, backoff=0.01, max_backoff=0.05)
@@ -179,6 +181,21 @@ def test_dropped_connection_resumes_with_range(tmp_path, server, cache):
     download(server.url("/blob.bin"), target, network=FAST)
     assert target.read_bytes() == payload and not target.with_name("blob.bin.part").exists()
     assert server.requests("/blob.bin") == [None, "bytes=100000-", "bytes=150000-"]
+
+
+def test_a_full_disk_stops_the_download_at_once_naming_the_part_file_it_keeps(tmp_path, server, monkeypatch):
+    server.files["/blob.bin"] = os.urandom(300_000)
+    target = tmp_path / "disk/blob.bin"
+    target.parent.mkdir()
+    SmallDisk(target.parent, fills_after=100_000, free=100_000).install(monkeypatch)
+    with pytest.raises(DiskFullError) as caught:
+        download(server.url("/blob.bin"), target, network=FAST)
+    part = target.with_name("blob.bin.part")
+    assert str(caught.value) == (
+        f"{part}: no space left on device while writing it; "
+        "the partial download is kept: free space on its disk and run the stage again to resume it"
+    )
+    assert server.requests("/blob.bin") == [None] and part.exists()  # not retried as a network failure
 
 
 def test_download_resumes_from_an_earlier_part_file(tmp_path, server):
