@@ -8,9 +8,11 @@ import time
 import pytest
 from conftest import free_port
 from http_faults import FaultyServer
+from small_disk import SmallDisk
 
 from petpipe import download as download_module
 from petpipe.download import DownloadError, Network, cache_dir, download, progress_meter
+from petpipe.errors import DiskFullError
 
 FAST = Network(tries=3, connect_timeout=2.0, read_timeout=2.0, backoff=0.01, max_backoff=0.05)
 
@@ -123,3 +125,18 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_logs(monkeypatch):
     with progress_meter("x.tgz", 4_000_000, 0, stream=terminal) as update:
         update(4_000_000)
     assert "download x.tgz: 100%" in terminal.getvalue() and "B/s" in terminal.getvalue()
+
+
+def test_a_full_disk_stops_the_download_at_once_naming_the_part_file_it_keeps(tmp_path, server, monkeypatch):
+    server.files["/blob.bin"] = os.urandom(300_000)
+    target = tmp_path / "disk/blob.bin"
+    target.parent.mkdir()
+    SmallDisk(target.parent, fills_after=100_000, free=100_000).install(monkeypatch)
+    with pytest.raises(DiskFullError) as caught:
+        download(server.url("/blob.bin"), target, network=FAST)
+    part = target.with_name("blob.bin.part")
+    assert str(caught.value) == (
+        f"{part}: no space left on device while writing it; "
+        "the partial download is kept: free space on its disk and run the stage again to resume it"
+    )
+    assert server.requests("/blob.bin") == [None] and part.exists()  # not retried as a network failure

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from small_disk import SmallDisk
 
 from petpipe import presize
+from petpipe.errors import DiskFullError, NoRoomError
 from petpipe.presize import PresizedStore, PresizeError, decode_presized, write_store
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 200, 40), (40, 60, 220)
@@ -212,3 +214,62 @@ def test_default_workers_are_the_cpus_this_process_may_use(monkeypatch):
     assert presize.default_workers() == 3
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(), raising=False)
     assert presize.default_workers() == 1
+
+
+FULL = "no space left on device while writing it; free space on its disk and run the stage again"
+
+
+def decodable(items):
+    return [item for item in items if item[0] not in ("img/cut.jpg", "img/text.jpg")]
+
+
+def test_the_store_size_from_the_headers_is_exact_for_pixels_and_bounds_the_store(dataset, tmp_path):
+    root, items = dataset
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6  # viewed 20x40: rotated, the same area
+    Image.fromarray(pixels).save(root / "img/rot.jpg", exif=exif.tobytes())
+    items = decodable(items) + [("img/rot.jpg", 0, "train")]
+    paths = [path for path, _, _ in items]
+    pixel_bytes = sum(presize._stored_bytes(path, root=root, size=16) for path in paths)
+    result = write_store(root, items, tmp_path / "store", size=16, workers=1, classes=["a", "b", "c"], progress=False)
+    assert pixel_bytes == result.bytes == 3 * (21 * 16 + 16 * 21 + 24 * 16 + 16 * 24 + 32 * 16)
+    written = sum(p.stat().st_size for p in (tmp_path / "store").iterdir())
+    assert written < presize.store_bytes(pixel_bytes, paths, ["a", "b", "c"]) < written + 70 * 1024
+    assert presize._stored_bytes("img/text.jpg", root=root, size=16) == 0  # skipped by the decode: no room
+
+
+def test_a_store_larger_than_its_disks_free_space_stops_before_any_decoding(dataset, tmp_path, monkeypatch):
+    root, items = dataset
+    out = tmp_path / "disk/store"
+    write_store(root, items[:1], out, size=16, workers=1, progress=False)
+    before = store_files(out)
+    SmallDisk(tmp_path / "disk", fills_after=10**12, free=40_000).install(monkeypatch)
+    monkeypatch.setattr(presize, "decode_presized", lambda path, size: pytest.fail("decoded before the check"))
+    with pytest.raises(NoRoomError) as caught:
+        write_store(root, items, out, size=64, workers=1, progress=False)
+    pixels = 3 * 64 * (85 + 85 + 96 + 85 + 96)  # cut.jpg's header reads: it counts
+    needed = presize.store_bytes(pixels, [path for path, _, _ in items], [])
+    assert str(caught.value) == (
+        f"presize: the store {out} at presize.size 64 needs {needed:,} bytes ({needed / 2**20:.1f} MiB) "
+        "but its disk has "
+        "40,000 bytes (0.0 MiB) free; free space on it, lower presize.size (the store grows with its square), "
+        "or move the DVC cache to another disk (dvc cache dir PATH)"
+    )
+    assert store_files(out) == before and os.listdir(tmp_path / "disk") == ["store"]  # no staging folder
+
+
+@pytest.mark.parametrize("fills_after, named", [(1000, "pixels.u8"), (4400, "index.npy"), (4620, "paths.json")])
+def test_a_disk_that_fills_anyway_names_the_file_and_keeps_the_old_store(
+    dataset, tmp_path, monkeypatch, fills_after, named
+):
+    root, items = dataset
+    monkeypatch.chdir(tmp_path)
+    out = Path("disk/store")  # relative, as dvc.yaml gives it
+    write_store(root, items[:1], out, size=16, workers=1, progress=False)
+    before = store_files(out)
+    SmallDisk(tmp_path / "disk", fills_after=fills_after, free=10**12).install(monkeypatch)  # the check passes
+    with pytest.raises(DiskFullError) as caught:
+        write_store(root, items, out, size=16, workers=1, progress=False)  # 4,320 bytes of pixels, a 292-byte index
+    assert str(caught.value) == f"{out / named}: {FULL}"
+    assert store_files(out) == before and os.listdir(tmp_path / "disk") == ["store"]

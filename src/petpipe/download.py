@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from petpipe.errors import PetpipeError
+from petpipe.errors import PetpipeError, full_disk_cause
+from petpipe.files import naming_full_disk
 from petpipe.signals import raise_if_stopped
 
 try:  # POSIX: parallel fetches of one URL (queued experiments) take turns on the cache folder
@@ -181,13 +182,20 @@ def _download_once(url: str, part: Path, expected_size: int | None, network: Net
                 "check data.url, or update data.size"
             )
         name = PurePosixPath(urllib.parse.urlsplit(url).path).name
-        with open(part, "ab" if have else "wb") as out, progress_meter(name, total, have) as update:
+        kept = "the partial download is kept: free space on its disk and run the stage again to resume it"
+        with (
+            naming_full_disk(part, then=kept),
+            open(part, "ab" if have else "wb") as out,
+            progress_meter(name, total, have) as update,
+        ):
             try:
                 while chunk := response.read1(CHUNK):  # what has arrived: a timeout loses nothing
                     raise_if_stopped()  # the .part file is kept: the next try resumes it
                     out.write(chunk)
                     update(len(chunk))
             except (OSError, http.client.HTTPException) as err:
+                if full_disk_cause(err):
+                    raise  # not the network's fault: another try would fill the disk again
                 why = err or type(err).__name__
                 raise _TryAgain(f"the download of {url} broke off after {out.tell():,} bytes ({why})") from None
     got = _size(part)

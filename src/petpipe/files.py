@@ -13,23 +13,68 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from petpipe.errors import FREE_SPACE, DiskFullError, disk_full_reason, full_disk_cause, written_file
+
 
 @contextmanager
 def atomic_open(path: Path, mode: str = "w") -> Iterator[IO]:
     """Open a temp file next to ``path``; on success it replaces ``path``, on error it is removed.
 
-    An interrupted stage therefore never leaves a truncated file that looks complete.
+    An interrupted stage therefore never leaves a truncated file that looks complete, and a full disk
+    ends in a DiskFullError naming ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with naming_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
+                yield f
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual file mode
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@contextmanager
+def naming_full_disk(path: Path, *, staging: Path | None = None, then: str = FREE_SPACE) -> Iterator[None]:
+    """A full disk (ENOSPC, EDQUOT) met in the block ends in a one-line DiskFullError naming ``path``.
+
+    ``path`` is the file or folder being written, not the temp name the OS would give. With ``staging``
+    (a folder that becomes ``path`` when complete), a file the error names inside it is named at its
+    final place. ``then`` says what to do next.
+    """
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
-            yield f
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        yield
+    except Exception as err:
+        cause = full_disk_cause(err)
+        if cause is None:
+            raise
+        if isinstance(cause, DiskFullError):  # an inner writer named its file already
+            named = _final_place(cause.path, staging, path) if staging else cause.path
+            if cause is err and named == cause.path:
+                raise
+            raise DiskFullError(named, cause.reason, cause.then) from cause.__cause__
+        named = _final_place(written_file(cause), staging, path) if staging else path
+        raise DiskFullError(named, disk_full_reason(cause), then) from err
+
+
+def _final_place(name: Any, staging: Path, dest: Path) -> Path:
+    """Where ``name``, written inside ``staging``, will be once ``staging`` becomes ``dest``; ``dest`` if unnamed."""
+    if name is None:
+        return dest
+    try:
+        return dest / Path(os.path.abspath(os.fsdecode(name))).relative_to(os.path.abspath(staging))
+    except (TypeError, ValueError):  # outside the staging folder: its own name
+        return Path(os.fsdecode(name))
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes this user may still write on the disk that holds ``path``, or will (its nearest existing parent)."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
 
 
 def current_umask() -> int:
@@ -68,12 +113,16 @@ def replace_dir(src: Path, dest: Path) -> None:
 def staged_dir(dest: Path, promote: Callable[[Path], Path] | None = None) -> Iterator[Path]:
     """A new folder beside ``dest`` to fill; when the block ends normally it replaces ``dest`` as a
     whole (or ``promote(staging)`` does: a folder inside it, e.g. an archive's single top folder).
-    On an error it is removed and ``dest`` stays as it was: no half-written folder looks complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    On an error it is removed and ``dest`` stays as it was: no half-written folder looks complete. A
+    full disk ends in a DiskFullError naming the file's final place under ``dest`` (``dest`` itself
+    when the OS names no file or ``promote`` moves things)."""
+    with naming_full_disk(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        yield staging
-        replace_dir(promote(staging) if promote else staging, dest)
+        with naming_full_disk(dest, staging=None if promote else staging):
+            yield staging
+            replace_dir(promote(staging) if promote else staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -7,6 +7,9 @@ square is the same as resizing the whole image so that its shorter side is 460 a
 kept, and the loader cuts the square per item as a cheap slice (``PresizedStore.square``). No
 crop position is frozen into the store.
 
+Before anything is decoded or written, the store's size is known from the image headers (the sum
+of the presized shapes), and a store that does not fit on its disk stops presize in one line.
+
 The decode is also the image verification: a file that does not fully decode (truncated, corrupt,
 not an image, too large for Pillow's decompression-bomb guard) is left out and listed in
 ``skipped.csv`` with a short reason.
@@ -28,8 +31,9 @@ import json
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import closing
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +41,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from petpipe.errors import PetpipeError
-from petpipe.files import staged_dir, write_json, write_rows
+from petpipe.errors import PetpipeError, check_room
+from petpipe.files import free_bytes, naming_full_disk, staged_dir, write_json, write_rows
 from petpipe.signals import raise_if_stopped
 
 FORMAT = "petpipe-presized-v1"
@@ -51,6 +55,11 @@ SKIPPED_FILE = "skipped.csv"
 META_FILE = "store.json"
 FIX = "run the presize stage (dvc repro presize)"
 MAX_CHUNKSIZE = 16  # images per pool task: few enough that the progress bar moves smoothly
+MAX_HEADER_CHUNKSIZE = 256  # reading a header is ~0.1-0.5 ms: larger tasks, fewer round trips
+NO_ROOM_FIX = (
+    "free space on it, lower presize.size (the store grows with its square), "
+    "or move the DVC cache to another disk (dvc cache dir PATH)"
+)
 
 
 class PresizeError(PetpipeError):
@@ -127,17 +136,46 @@ def _decode_item(rel_path: str, *, root: Path, size: int) -> tuple[np.ndarray | 
         return None, skip_reason(err).replace(str(full), rel_path)  # no absolute paths in a compared output
 
 
-def _decoded(paths: list[str], *, root: Path, size: int, workers: int) -> Iterator[tuple[np.ndarray | None, str]]:
-    """Decode ``paths`` in input order, on ``workers`` processes (1: in this process)."""
-    task = functools.partial(_decode_item, root=root, size=size)
+def _stored_bytes(rel_path: str, *, root: Path, size: int) -> int:
+    """One pool task: the bytes image ``rel_path`` will take in pixels.u8, from its header alone (no decode).
+
+    EXIF orientation swaps width and height, which leaves the presized area the same. A file whose
+    header does not read is skipped by the decode: it takes no room.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the decode warns once, for real
+            with Image.open(root / rel_path) as img:
+                width, height = img.size
+    except Exception:  # not an image, unreadable, decompression bomb: the decode skips it with its reason
+        return 0
+    presized_width, presized_height = presized_shape(width, height, size)
+    return presized_width * presized_height * 3
+
+
+def store_bytes(pixel_bytes: int, paths: Sequence[str], classes: Sequence[str]) -> int:
+    """A bound on the whole store's size: ``pixel_bytes`` plus the index, each path (in paths.json, or in
+    skipped.csv with its reason), and 64 KiB for store.json and the last filesystem block of each file."""
+    per_image = INDEX_DTYPE.itemsize + 256  # the path in paths.json, or in skipped.csv with a reason
+    names = sum(len(p.encode()) + per_image for p in paths) + sum(len(c.encode()) + 8 for c in classes)
+    return pixel_bytes + names + 64 * 1024
+
+
+OrderedMap = Callable[[Callable, list[str], int], Iterable]  # (task, paths, max_chunksize) -> results in input order
+
+
+@contextmanager
+def _ordered_map(workers: int) -> Iterator[OrderedMap]:
+    """A map over paths on ``workers`` processes (1: in this process); the workers end on leaving, also on an error."""
     if workers == 1:
-        yield from map(task, paths)
+        yield lambda task, paths, max_chunksize: map(task, paths)
         return
-    chunksize = max(1, min(MAX_CHUNKSIZE, len(paths) // (4 * workers)))
     # forkserver, not fork: the stage process already runs threads (MLflow, the allocator), and a
     # forked child can inherit one of their locks held and hang on it.
-    with multiprocessing.get_context("forkserver").Pool(workers) as pool:  # __exit__ terminates the workers on any error
-        yield from pool.imap(task, paths, chunksize=chunksize)
+    with multiprocessing.get_context("forkserver").Pool(workers) as pool:  # __exit__ terminates the workers
+        yield lambda task, paths, max_chunksize: pool.imap(
+            task, paths, chunksize=max(1, min(max_chunksize, len(paths) // (4 * workers)))
+        )
 
 
 def check_items(items: Sequence[tuple[str, int, str]], *, size: int, workers: int) -> None:
@@ -158,15 +196,33 @@ def write_store(
 ) -> PresizeResult:
     """Decode each (path, class index, split) of ``items`` once and write the store to ``out_dir``.
 
-    The store is written in a temp sibling folder and moved into place only when complete.
+    The store's size is read from the image headers first: a store larger than its disk's free space
+    is a NoRoomError before any decoding. The store is written in a temp sibling folder and moved
+    into place only when complete; a disk that fills anyway is a DiskFullError naming the file.
     """
     check_items(items, size=size, workers=workers)
     start = time.perf_counter()
+    paths = [path for path, _, _ in items]
+    with _ordered_map(workers) as ordered_map:
+        stored_bytes = functools.partial(_stored_bytes, root=root, size=size)
+        pixel_bytes = sum(ordered_map(stored_bytes, paths, MAX_HEADER_CHUNKSIZE))
+        needed = store_bytes(pixel_bytes, paths, classes)
+        free = free_bytes(out_dir.parent)  # the staging folder goes beside out_dir
+        what = f"presize: the store {out_dir} at presize.size {size}"
+        check_room(needed, free, what=what, where="its disk", fix=NO_ROOM_FIX)
+        decoded = ordered_map(functools.partial(_decode_item, root=root, size=size), paths, MAX_CHUNKSIZE)
+        return _write(root, items, decoded, out_dir, size=size, classes=classes, progress=progress, start=start)
+
+
+def _write(
+    root: Path, items: Sequence[tuple[str, int, str]], decoded: Iterable[tuple[np.ndarray | None, str]], out_dir: Path,
+    *, size: int, classes: Sequence[str], progress: bool, start: float,
+) -> PresizeResult:  # fmt: skip
+    """The store's files from the ``decoded`` images (in ``items`` order), written in a staging folder."""
     with staged_dir(out_dir) as staging:
         records, paths, skipped, offset = [], [], [], 0
-        decoded = _decoded([path for path, _, _ in items], root=root, size=size, workers=workers)
         bar = tqdm(decoded, total=len(items), desc="presize", unit="img", mininterval=1.0, disable=not progress)
-        with closing(decoded), open(staging / PIXELS_FILE, "wb") as pixels:  # closing: stop the pool on any error
+        with naming_full_disk(out_dir / PIXELS_FILE), open(staging / PIXELS_FILE, "wb") as pixels:
             for (path, label, split), (array, reason) in zip(items, bar):
                 raise_if_stopped()
                 if array is None:
@@ -180,7 +236,8 @@ def write_store(
             first = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
             raise PresizeError(f"presize: none of the {len(items)} images could be decoded (first: {first}); check the dataset under {root}")
         index = np.array(records, dtype=INDEX_DTYPE)
-        np.save(staging / INDEX_FILE, index, allow_pickle=False)
+        with naming_full_disk(out_dir / INDEX_FILE):  # a full disk names the file at its place in the finished store
+            np.save(staging / INDEX_FILE, index, allow_pickle=False)
         write_json(staging / PATHS_FILE, paths)
         write_skipped(staging / SKIPPED_FILE, skipped)
         counts = {f"n_{name}": int((index["split"] == code).sum()) for code, name in enumerate(SPLITS)}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from petpipe.config import load_config
-from petpipe.errors import PetpipeError
+from petpipe.errors import PetpipeError, disk_full_error
 from petpipe.signals import stop_on_signals
 
 # The path argument of every stage that reads the presized images (and the class names stored with them).
@@ -30,7 +30,8 @@ def stage_main(
     """``--params`` plus the named path arguments, then ``run(cfg, **paths)``.
 
     Arguments named in ``multiple`` take one or more paths. Known user errors print one clear
-    line and return 2, without a traceback. ``launcher(cfg, argv)`` may run the stage elsewhere
+    line and return 2, without a traceback; so does a disk that fills outside petpipe's own writers
+    (which name the output they were writing). ``launcher(cfg, argv)`` may run the stage elsewhere
     instead (several torchrun processes) and return their exit code; None runs it here.
     """
     parser = argparse.ArgumentParser(description=description)
@@ -48,6 +49,11 @@ def stage_main(
             run(cfg, **{name: getattr(args, name) for name, _ in arguments})
     except PetpipeError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a full disk under a library's write (MLflow's artifact copy, say): one line too
+        if (full := disk_full_error(err)) is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no output was written as complete; run the stage again to resume a training stage from its last epoch", file=sys.stderr)
