@@ -59,32 +59,30 @@ def run(
     from petpipe.normalization import from_meta
     from petpipe.presize import PresizedStore
     from petpipe.tracking.runs import stage_run
-    from petpipe.tracking.store import preflight
     from petpipe.training import augment_params
 
     started = time.perf_counter()
-    preflight()  # the tracking server answers, or one line and exit 2, before any work
-    runtime = make_runtime(cfg.device, cfg.precision)
-    store = PresizedStore(presized)
-    model, meta = restore(final)
-    normalization = from_meta(meta)  # what training used: the report shows and predicts what the model saw
-    classes = meta["classes"]
-    curves = {"train_frozen": ri.read_curve(frozen_curve, "train_frozen"), "finetune": ri.read_curve(finetune_curve, "finetune")}
-    run_info = rp.RunInfo(
-        title=f"{meta['arch']} on {len(classes)} classes", device=runtime.describe(), params=shown_params(cfg),
-        profiles={f"{profiles.name}/{p.name}": shown_params(load_config(p)) for p in sorted(profiles.glob("*.yaml"))}, curves=curves,
-    )  # fmt: skip
-    data = ri.data_info(
-        store, runtime, labels_skipped=labels_skipped, classes=classes, size=cfg.train.size, batch_size=cfg.train.batch_size,
-        augment=augment_params(cfg.train.augment), seed=cfg.seed, n_batch=rp.BATCH_IMAGES, normalization=normalization,
-    )  # fmt: skip
-    lr = ri.lr_info(lr_find_curve, lr_find_result, chosen_lr, frozen_lr=cfg.train_frozen.lr, n_groups=len(layer_groups(model)))
-    loader = make_loader(store, "valid", runtime, size=meta["size"], batch_size=PREDICT_BATCH, num_workers=0, normalization=normalization)
+    outputs = {"interpretation": out_dir, "report": html_path, "predictions": predictions, "summary": summary, "metrics": metrics}
     with stage_run(
-        "report", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"presized": presized, "final": final}, dataset=presized,
-        outputs={"interpretation": out_dir, "report": html_path, "predictions": predictions, "summary": summary, "metrics": metrics},
+        "report", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"presized": presized, "final": final}, dataset=presized, outputs=outputs,
     ) as mlflow_run:  # fmt: skip
+        runtime = make_runtime(cfg.device, cfg.precision)
         mlflow_run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
+        store = PresizedStore(presized)
+        model, meta = restore(final)
+        normalization = from_meta(meta)  # what training used: the report shows and predicts what the model saw
+        classes = meta["classes"]
+        curves = {"train_frozen": ri.read_curve(frozen_curve, "train_frozen"), "finetune": ri.read_curve(finetune_curve, "finetune")}
+        run_info = rp.RunInfo(
+            title=f"{meta['arch']} on {len(classes)} classes", device=runtime.describe(), params=shown_params(cfg),
+            profiles={f"{profiles.name}/{p.name}": shown_params(load_config(p)) for p in sorted(profiles.glob("*.yaml"))}, curves=curves,
+        )  # fmt: skip
+        data = ri.data_info(
+            store, runtime, labels_skipped=labels_skipped, classes=classes, size=cfg.train.size, batch_size=cfg.train.batch_size,
+            augment=augment_params(cfg.train.augment), seed=cfg.seed, n_batch=rp.BATCH_IMAGES, normalization=normalization,
+        )  # fmt: skip
+        lr = ri.lr_info(lr_find_curve, lr_find_result, chosen_lr, frozen_lr=cfg.train_frozen.lr, n_groups=len(layer_groups(model)))
+        loader = make_loader(store, "valid", runtime, size=meta["size"], batch_size=PREDICT_BATCH, num_workers=0, normalization=normalization)
         logits, targets = predict(model.to(runtime.device, memory_format=runtime.memory_format), loader, runtime)
         preds = rb.Predictions(
             classes=classes, paths=[store.paths[int(i)] for i in loader.dataset.positions], interp=Interpretation.from_logits(logits, targets),

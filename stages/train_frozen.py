@@ -18,45 +18,36 @@ PARAMS = (
 
 
 def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: Path) -> dict:
-    from petpipe.data import make_loaders
     from petpipe.model import build_model, freeze_body, layer_groups
     from petpipe.normalization import resolve_normalization
     from petpipe.presize import PresizedStore
     from petpipe.resume import resume_point
-    from petpipe.tracking.store import preflight
-    from petpipe.training import augment_params, fit_and_record, prepare
+    from petpipe.tracking.runs import stage_run
+    from petpipe.training import fit_and_record, loaders, prepare
 
-    preflight()  # the tracking server answers, or one line and no work
-    runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend)
-    classes = PresizedStore(presized).classes
-    model = build_model(cfg.train.arch, len(classes), cfg.train.weights)  # a weights problem stops here, before any training
-    normalization = resolve_normalization(cfg.train.normalize, weights=cfg.train.weights, pretrained=model.pretrained_normalization)
-    freeze_body(model)
-    train_loader, valid_loader = make_loaders(
-        presized, runtime, size=cfg.train.size, batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-        augment=augment_params(cfg.train.augment), generator=generator, normalization=normalization,
-    )  # fmt: skip
-    meta = {"arch": cfg.train.arch, "classes": classes, "size": cfg.train.size, "normalize": normalization.as_dict()}
-    return fit_and_record(
-        "train_frozen", select(cfg, PARAMS), runtime=runtime, model=model, meta=meta,
-        train_loader=train_loader, valid_loader=valid_loader, epochs=cfg.train_frozen.epochs, lr_max=[cfg.train_frozen.lr] * len(layer_groups(model)),
-        pct_start=cfg.train_frozen.pct_start, weight_decay=cfg.train.weight_decay, checkpoint=checkpoint, metrics=metrics, plot=plot,
-        resume=resume_point("train_frozen", select(cfg, PARAMS), inputs=[presized]),
-        tracking=dict(resolved=flatten(cfg), inputs={"presized": presized}, dataset=presized, outputs={"checkpoint": checkpoint, "metrics": metrics, "plot": plot},
-                      system_metrics=True),
-    )  # fmt: skip
+    outputs = {"checkpoint": checkpoint, "metrics": metrics, "plot": plot}
+    with stage_run(
+        "train_frozen", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"presized": presized}, dataset=presized, outputs=outputs,
+        system_metrics=True,
+    ) as run:  # fmt: skip
+        runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend)
+        classes = PresizedStore(presized).classes
+        model = build_model(cfg.train.arch, len(classes), cfg.train.weights)  # a weights problem stops here, before any training
+        normalization = resolve_normalization(cfg.train.normalize, weights=cfg.train.weights, pretrained=model.pretrained_normalization)
+        freeze_body(model)
+        train_loader, valid_loader = loaders(cfg.train, presized, runtime, generator, normalization)
+        return fit_and_record(
+            run, stage="train_frozen", runtime=runtime, model=model, train_loader=train_loader, valid_loader=valid_loader,
+            meta={"arch": cfg.train.arch, "classes": classes, "size": cfg.train.size, "normalize": normalization.as_dict()},
+            epochs=cfg.train_frozen.epochs, lr_max=[cfg.train_frozen.lr] * len(layer_groups(model)), pct_start=cfg.train_frozen.pct_start,
+            weight_decay=cfg.train.weight_decay, checkpoint=checkpoint, metrics=metrics, plot=plot,
+            resume=resume_point("train_frozen", select(cfg, PARAMS), inputs=[presized]),
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = [*TRAINING_DATA, ("checkpoint", "stage-1 checkpoint to write"), ("metrics", "final-epoch metrics JSON"), ("plot", "per-epoch metrics CSV")]
-    return stage_main(run, arguments, description=__doc__, argv=argv, launcher=launch)
-
-
-def launch(cfg: Config, argv: list[str]) -> int | None:
-    """More than one process: run this script under torchrun instead (None: run it here)."""
-    from petpipe.distributed import relaunch_under_torchrun
-
-    return relaunch_under_torchrun(__file__, argv, nproc_per_node=cfg.distributed.nproc_per_node, nnodes=cfg.distributed.nnodes)
+    return stage_main(run, arguments, description=__doc__, argv=argv, torchrun_script=__file__)
 
 
 if __name__ == "__main__":

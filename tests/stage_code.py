@@ -59,9 +59,8 @@ def project_files(script: Path) -> set[Path]:
     return seen
 
 
-def params_read(script: Path, config_name: str = "cfg") -> set[str]:
-    """Params keys read in ``script`` as attribute chains on ``cfg`` (``cfg.train.arch`` -> ``train.arch``)."""
-    tree = ast.parse(script.read_text(), str(script))
+def attribute_chains(tree: ast.AST, name: str) -> set[str]:
+    """Every attribute chain on the variable ``name`` (``cfg.train.arch`` -> ``train.arch``; ``cfg.train`` -> ``train``)."""
     chains: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
@@ -70,7 +69,39 @@ def params_read(script: Path, config_name: str = "cfg") -> set[str]:
             while isinstance(inner, ast.Attribute):
                 parts.append(inner.attr)
                 inner = inner.value
-            if isinstance(inner, ast.Name) and inner.id == config_name:
+            if isinstance(inner, ast.Name) and inner.id == name:
                 chains.add(".".join(reversed(parts)))
+    return chains
+
+
+# Adapters that take a whole params section and read some of its keys (the one place each translates config
+# into library arguments): a call ``adapter(cfg.<section>, ...)`` reads what the adapter's body reads of it.
+ADAPTERS = {"loaders": ROOT / "src/petpipe/training.py"}
+# stage_main(..., torchrun_script=...) relaunches the stage under torchrun as stage.launch(cfg, ...) decides.
+LAUNCH = ("launch", ROOT / "src/petpipe/stage.py")
+
+
+def function_reads(path: Path, name: str, prefix: str = "") -> set[str]:
+    """The attribute chains the function ``name`` in ``path`` reads on its first argument (``prefix.`` before each)."""
+    function = next(n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef) and n.name == name)
+    return {prefix + chain for chain in attribute_chains(function, function.args.args[0].arg)}
+
+
+def adapter_reads(name: str, section: str) -> set[str]:
+    """The keys of ``section`` that the adapter function ``name`` reads from its first argument."""
+    return function_reads(ADAPTERS[name], name, f"{section}.")
+
+
+def params_read(script: Path, config_name: str = "cfg") -> set[str]:
+    """Params keys read in ``script`` as attribute chains on ``cfg`` (``cfg.train.arch`` -> ``train.arch``), and
+    through the adapters it passes a section to."""
+    tree = ast.parse(script.read_text(), str(script))
+    chains = attribute_chains(tree, config_name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ADAPTERS and node.args:
+            section = ".".join(sorted(attribute_chains(ast.Expression(node.args[0]), config_name), key=len)[-1:])
+            chains |= adapter_reads(node.func.id, section)
+        if isinstance(node, ast.Call) and any(k.arg == "torchrun_script" for k in node.keywords):
+            chains |= function_reads(LAUNCH[1], LAUNCH[0])
     # Keep only the longest chains: `cfg.train.arch` also contains the node `cfg.train`.
     return {c for c in chains if not any(other.startswith(c + ".") for other in chains)}

@@ -9,7 +9,7 @@ import yaml
 from conftest import ROOT, write_folder_dataset, write_presized
 from test_stage_spec import load_stage
 
-from petpipe.distributed import torchrun_command
+from petpipe.torchrun import torchrun_command
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,8 @@
 """Several training processes (DistributedDataParallel) through PyTorch's own launcher, torchrun.
 
 A training stage whose ``distributed.nproc_per_node * distributed.nnodes`` is above 1 re-runs its
-own command under ``torchrun`` (so ``dvc exp run -S distributed.nproc_per_node=8`` uses 8 GPUs);
-each process then sees torchrun's ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. ``train.batch_size``
+own command under ``torchrun`` (``petpipe.torchrun``; so ``dvc exp run -S distributed.nproc_per_node=8``
+uses 8 GPUs); each process then sees torchrun's ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. ``train.batch_size``
 stays the global batch: each process takes ``batch_size / world_size`` images per step, so the
 learning rates mean the same as with one process. Only rank 0 writes outputs and logs to MLflow.
 """
@@ -10,21 +10,11 @@ learning rates mean the same as with one process. Only rank 0 writes outputs and
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from petpipe.errors import PetpipeError
-
-RDZV_ENV = "PETPIPE_RDZV_ENDPOINT"  # host:port of the rendezvous, needed with nnodes > 1
-
-
-def under_torchrun() -> bool:
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -41,32 +31,6 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0: the process that writes outputs and logs."""
     return rank() == 0
-
-
-def torchrun_command(script: str | Path, argv: list[str], *, nproc_per_node: int, nnodes: int) -> list[str]:
-    """``python -m torch.distributed.run ... script argv`` (torchrun, with the same interpreter)."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}"]
-    if nnodes == 1:
-        command.append("--standalone")
-    else:
-        endpoint = os.environ.get(RDZV_ENV)
-        if not endpoint:
-            raise PetpipeError(f"distributed.nnodes: {nnodes} machines need {RDZV_ENV}=host:port (torchrun's rendezvous) set on each of them")
-        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={os.environ.get('DVC_EXP_NAME', 'petpipe')}"]
-    return [*command, str(script), *argv]
-
-
-def relaunch_under_torchrun(script: str | Path, argv: list[str], *, nproc_per_node: int, nnodes: int) -> int | None:
-    """Run this stage again as ``nproc_per_node`` processes and wait for them; None when one process will do
-    (a single process, or this already is a torchrun worker)."""
-    if nproc_per_node * nnodes == 1 or under_torchrun():
-        return None
-    command = torchrun_command(script, argv, nproc_per_node=nproc_per_node, nnodes=nnodes)
-    print(f"distributed: {nproc_per_node} process(es) per node on {nnodes} node(s): {' '.join(command[1:5])} ...", flush=True)
-    code = subprocess.run(command).returncode
-    if code != 0:
-        print(f"error: the torchrun workers failed (exit code {code}); their messages are above", file=sys.stderr)
-    return code if code >= 0 else 128 - code
 
 
 def init_process_group(backend: str, device: torch.device) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,8 +20,11 @@ from tqdm import tqdm
 
 from petpipe.device import Runtime
 from petpipe.engine import make_optimizer, train_step
+from petpipe.figures import lr_find_figure
+from petpipe.files import write_bytes, write_json, write_rows
 from petpipe.finetune_lr import auto_max_lr
 from petpipe.schedule import exp_lr
+from petpipe.tracking.runs import StageRun
 
 SMOOTH_BETA = 0.98  # fastai Recorder: exponential moving average of the loss
 DIVERGE_FACTOR = 4.0  # fastai LRFinder: stop when smooth loss > 4 x best
@@ -170,3 +175,29 @@ def lr_find_summary(curve: dict[str, list[float]], num_it: int) -> dict[str, flo
     lo, hi = auto_max_lr(suggestions) if warning is None else (None, None)
     return {**suggestions, "auto_max_lr_lo": lo, "auto_max_lr_hi": hi, "iterations": len(curve["lr"]), "warning": warning}
 
+
+
+def run_lr_find(
+    model: nn.Module, loader: DataLoader, runtime: Runtime, *, start_lr: float, end_lr: float, num_it: int, weight_decay: float
+) -> tuple[dict[str, list[float]], dict[str, float | str | None]]:  # fmt: skip
+    """The range test and its result file's content (``lr_find_summary``)."""
+    curve = lr_range_test(model, loader, runtime, start_lr=start_lr, end_lr=end_lr, num_it=num_it, weight_decay=weight_decay)
+    return curve, lr_find_summary(curve, num_it)
+
+
+def record_lr_find(
+    run: StageRun, curve: dict[str, list[float]], summary: dict[str, float | str | None], *, result: Path, plot: Path, figure: Path
+) -> None:  # fmt: skip
+    """lr_find's outputs (the result JSON, the curve CSV, the figure), then the same on ``run``; the warning, if
+    any, also on stderr."""
+    suggestions = {k: summary[k] for k in SUGGESTIONS if summary[k] is not None}
+    write_json(result, summary)
+    write_rows(plot, [{"lr": lr, "loss": loss} for lr, loss in zip(curve["lr"], curve["loss"])])
+    write_bytes(figure, lr_find_figure(curve["lr"], curve["loss"], suggestions))
+    run.log_series({"lr_find_loss": curve["loss"], "lr_find_lr": curve["lr"]})  # batched: one request per 1,000 points
+    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+    if summary["warning"]:
+        run.set_tags({"petpipe.lr_find_warning": summary["warning"]})
+        print(f"warning: {summary['warning']}", file=sys.stderr)
+    run.log_artifact(figure, "lr_find")
+    print(f"lr_find: {len(curve['lr'])} iterations; suggestions {suggestions or 'none'}")

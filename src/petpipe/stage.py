@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from petpipe.config import load_config
+from petpipe.config import Config, load_config
 from petpipe.errors import PetpipeError, disk_full_error
 from petpipe.signals import stop_on_signals
+from petpipe.torchrun import relaunch_under_torchrun
 
 # The path argument of every stage that reads the presized images (and the class names stored with them).
 TRAINING_DATA = [("presized", "presized image store (presize stage)")]
@@ -25,14 +26,14 @@ TRAINING_DATA = [("presized", "presized image store (presize stage)")]
 
 def stage_main(
     run: Callable[..., Any], arguments: list[tuple[str, str]], description: str, multiple: tuple[str, ...] = (), argv: list[str] | None = None,
-    launcher: Callable[[Any, list[str]], int | None] | None = None,
+    torchrun_script: str | None = None,
 ) -> int:  # fmt: skip
     """``--params`` plus the named path arguments, then ``run(cfg, **paths)``.
 
     Arguments named in ``multiple`` take one or more paths. Known user errors print one clear
     line and return 2, without a traceback; so does a disk that fills outside petpipe's own writers
-    (which name the output they were writing). ``launcher(cfg, argv)`` may run the stage elsewhere
-    instead (several torchrun processes) and return their exit code; None runs it here.
+    (which name the output they were writing). A training stage names its script (``torchrun_script``):
+    when ``distributed.*`` asks for several processes it runs again under torchrun (``launch``).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
@@ -43,7 +44,7 @@ def stage_main(
     try:
         with stop_on_signals():  # SIGTERM ends the stage like Ctrl-C: cleanly
             cfg = load_config(args.params)
-            launched = launcher(cfg, list(sys.argv[1:] if argv is None else argv)) if launcher else None
+            launched = launch(cfg, list(sys.argv[1:] if argv is None else argv), torchrun_script) if torchrun_script else None
             if launched is not None:
                 return launched
             run(cfg, **{name: getattr(args, name) for name, _ in arguments})
@@ -59,6 +60,11 @@ def stage_main(
         print("interrupted: no output was written as complete; run the stage again to resume a training stage from its last epoch", file=sys.stderr)
         return 130
     return 0
+
+
+def launch(cfg: Config, argv: list[str], script: str) -> int | None:
+    """Several processes asked for: run ``script`` under torchrun and return their exit code; None: run it here."""
+    return relaunch_under_torchrun(script, argv, nproc_per_node=cfg.distributed.nproc_per_node, nnodes=cfg.distributed.nnodes)
 
 
 def exit_process(code: int) -> NoReturn:

@@ -59,6 +59,8 @@ def log_final_models(
     Both carry the class names and the preprocessing in their metadata. The call is journaled: after
     an outage, ``tracking.replay`` logs it from the journal if the checkpoint is still this one.
     """
+    if not run.records:  # a torchrun process other than rank 0
+        return
     # JSON, for the journal: bytes as base64 (what the pyfunc reads from a JSON request anyway).
     images = [base64.b64encode(b).decode() if isinstance(b, bytes) else b for b in example["image"]]
     args = {

@@ -110,6 +110,8 @@ class StageRun:
     goes on) and the journal is written for ``replay`` at the end.
     """
 
+    records = True  # False for the handle of a torchrun process other than rank 0 (``NullRun``)
+
     def __init__(
         self, run_id: str, *, stage: str, parent_id: str, client: MlflowClient, uri: str, key: str, experiment_id: str
     ):
@@ -239,6 +241,25 @@ def parent_run(client: MlflowClient, experiment_id: str, key: str, resolved: dic
     return run.info.run_id
 
 
+class NullRun:
+    """What ``stage_run`` yields on a torchrun process other than rank 0: it records nothing, and every
+    logging call does nothing (rank 0 logs for all of them)."""
+
+    records = False
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return _nothing
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def is_other_rank() -> bool:
+    """A torchrun worker other than rank 0 (torchrun's ``RANK``; read here without importing torch)."""
+    return int(os.environ.get("RANK", "0")) != 0
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -256,8 +277,12 @@ def stage_run(
     ``params``: the keys the stage reads; ``resolved``: every flattened param (the parent's, and the
     source of the upstream params logged as lineage); ``inputs`` / ``outputs``: files whose DVC
     digests are recorded (outputs once the body has written them); ``dataset``: the input logged
-    with ``mlflow.log_input``. The tracking server is checked first: no work starts without it.
+    with ``mlflow.log_input``. The tracking server is checked first (the one probe of a stage): no work
+    starts without it. On torchrun processes other than rank 0 it yields a ``NullRun``.
     """
+    if is_other_rank():
+        yield NullRun()
+        return
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     uri, location = tracking_uri(), default_artifact_location()  # before set_tracking_uri exports the env var

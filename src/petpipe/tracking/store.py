@@ -81,7 +81,6 @@ def probe(uri: str, timeout: float) -> str | None:
         return str(getattr(err, "reason", None) or err)
 
 
-_ANSWERED: set[str] = set()  # tracking URIs that answered in this process
 
 
 def check_tracking(uri: str, seconds: float = CHECK_SECONDS) -> None:
@@ -90,14 +89,13 @@ def check_tracking(uri: str, seconds: float = CHECK_SECONDS) -> None:
     Local stores (sqlite, files) need no check. A refused connection is retried for
     ``REFUSED_SECONDS`` (a restarting server), anything else (a timeout, an error page) up to ``seconds``.
     """
-    if not is_server(uri) or uri in _ANSWERED:
+    if not is_server(uri):
         return
     started = time.monotonic()
     while True:
         elapsed = time.monotonic() - started
         why = probe(uri, timeout=max(0.5, min(5.0, seconds - elapsed)))
         if why is None:
-            _ANSWERED.add(uri)  # preflight and stage_run both check: probe once per process
             return
         elapsed = time.monotonic() - started
         if elapsed >= (REFUSED_SECONDS if "refused" in why.lower() else seconds):
@@ -111,8 +109,3 @@ def check_tracking(uri: str, seconds: float = CHECK_SECONDS) -> None:
         f"Start it (e.g. `mlflow server --host 127.0.0.1 --port {port}`) "
         f"or `unset MLFLOW_TRACKING_URI` to log to the local store {local}"
     )
-
-
-def preflight() -> None:
-    """``check_tracking`` of the configured URI: call it first thing in a stage, before any work."""
-    check_tracking(tracking_uri())
