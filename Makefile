@@ -7,12 +7,13 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PROFILE ?=
 
-.PHONY: help venv repro test test-fast clean-venv ui
+.PHONY: help venv repro lint test test-fast clean-venv ui
 
 help:
 	@echo "make repro                  set up $(VENV) if needed, then run the pipeline (dvc repro)"
 	@echo "make repro PROFILE=pets     copy profiles/pets.yaml to params.yaml first, then run"
-	@echo "make test                   set up $(VENV) if needed, then run the test suite"
+	@echo "make lint                   ruff: the linter, and the formatter's check (120 columns; pyproject.toml)"
+	@echo "make test                   set up $(VENV) if needed, lint, then run the test suite"
 	@echo "make test-fast              the same without the slow tests (end-to-end pipeline, MLflow server)"
 	@echo "make ui                     the MLflow UI on 127.0.0.1:$(UI_PORT) against mlflow.db; prints the runs table's address"
 
@@ -40,7 +41,12 @@ endif
 PYTEST_WORKERS ?= 2
 TEST_ENV = PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
-test: venv
+# One formatter and linter (ruff, settings in pyproject.toml); `ruff format .` rewrites, this only checks.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: venv lint
 	$(TEST_ENV) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: venv

@@ -52,11 +52,11 @@ import torch
 import torchvision
 from PIL import Image
 
+from petpipe.archive import extract
 from petpipe.augment import AugmentParams, fastai_augment
 from petpipe.data import DeviceLoader, make_loaders, resolve_workers
 from petpipe.device import Runtime, make_runtime, seed_everything
 from petpipe.engine import fit_one_cycle, make_optimizer, predict, train_step
-from petpipe.archive import extract
 from petpipe.labels import make_table
 from petpipe.model import build_model, layer_groups, unfreeze
 from petpipe.normalization import IMAGENET
@@ -68,12 +68,44 @@ VALID_PCT = 0.2
 PETS_VERSION = 1  # bump when the generator changes, so a kept --workdir is regenerated
 # 37 breed names in the Oxford-IIIT Pet style (cats capitalised, dogs lower case), not the dataset's own list.
 BREEDS = (
-    "Abyssinian", "Balinese", "Bengal", "Burmese", "Chartreux", "Cornish_Rex", "Egyptian_Mau", "Havana_Brown", "Korat",
-    "Manx", "Nebelung", "Ocicat", "Somali", "Tonkinese", "american_bulldog", "australian_shepherd", "basset_hound",
-    "bearded_collie", "border_terrier", "boxer", "brittany_spaniel", "cairn_terrier", "dalmatian", "english_setter",
-    "finnish_spitz", "german_pointer", "irish_wolfhound", "keeshond", "lakeland_terrier", "norfolk_terrier",
-    "old_english_sheepdog", "papillon", "rough_collie", "saluki", "shetland_sheepdog", "vizsla", "welsh_corgi",
-)  # fmt: skip
+    "Abyssinian",
+    "Balinese",
+    "Bengal",
+    "Burmese",
+    "Chartreux",
+    "Cornish_Rex",
+    "Egyptian_Mau",
+    "Havana_Brown",
+    "Korat",
+    "Manx",
+    "Nebelung",
+    "Ocicat",
+    "Somali",
+    "Tonkinese",
+    "american_bulldog",
+    "australian_shepherd",
+    "basset_hound",
+    "bearded_collie",
+    "border_terrier",
+    "boxer",
+    "brittany_spaniel",
+    "cairn_terrier",
+    "dalmatian",
+    "english_setter",
+    "finnish_spitz",
+    "german_pointer",
+    "irish_wolfhound",
+    "keeshond",
+    "lakeland_terrier",
+    "norfolk_terrier",
+    "old_english_sheepdog",
+    "papillon",
+    "rough_collie",
+    "saluki",
+    "shetland_sheepdog",
+    "vizsla",
+    "welsh_corgi",
+)
 
 
 @dataclass(frozen=True)
@@ -99,18 +131,28 @@ class Preset:
 
 
 PRESETS = {
-    # Few images and epochs (3 min on 2 shared cores with --threads 1, RESULTS.md); resnet34 at 64 px is the lesson's model at a CPU size.
+    # Few images and epochs (3 min on 2 shared cores with --threads 1, RESULTS.md);
+    # resnet34 at 64 px is the lesson's model at a CPU size.
     "cpu": Preset(
         settings=(
             Setting("pets-like", "resnet34", 64, 32, 128),
             Setting("pets-like", "resnet18", 32, 64, 64),
             Setting("digits", "resnet18", 32, 64, 64),
         ),
-        device="cpu", precision="fp32", epochs=3, images=400,
+        device="cpu",
+        precision="fp32",
+        epochs=3,
+        images=400,
     ),
     # Lesson 1 on a GPU: resnet34 at 224 px from a 448 px store (fastai: Resize(460)).
-    "cuda": Preset(settings=(Setting("pets-like", "resnet34", 224, 64, 448),), device="cuda", precision="bf16", epochs=3, images=2000),
-}  # fmt: skip
+    "cuda": Preset(
+        settings=(Setting("pets-like", "resnet34", 224, 64, 448),),
+        device="cuda",
+        precision="bf16",
+        epochs=3,
+        images=2000,
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,11 +201,29 @@ def extract_digits(root: Path) -> Path:
 def build_store(dataset: Path, data: str, store_dir: Path, *, presize: int, seed: int) -> tuple[float, int, int]:
     """Label ``dataset`` as the pipeline would and presize it; returns (decode images/s, n_train, n_valid)."""
     if data == "pets-like":
-        table = make_table(dataset, rule="regex", images_dir="images", pattern=PETS_PATTERN, match_on="name", csv_name=None,
-                           valid_pct=VALID_PCT, seed=seed, split="random")  # fmt: skip
+        table = make_table(
+            dataset,
+            rule="regex",
+            images_dir="images",
+            pattern=PETS_PATTERN,
+            match_on="name",
+            csv_name=None,
+            valid_pct=VALID_PCT,
+            seed=seed,
+            split="random",
+        )
     else:
-        table = make_table(dataset, rule="folder", images_dir=".", pattern=None, match_on="name", csv_name=None, valid_pct=VALID_PCT, seed=seed,
-                           split="folder")  # fmt: skip
+        table = make_table(
+            dataset,
+            rule="folder",
+            images_dir=".",
+            pattern=None,
+            match_on="name",
+            csv_name=None,
+            valid_pct=VALID_PCT,
+            seed=seed,
+            split="folder",
+        )
     items = table.indexed()
     result = write_store(dataset, items, store_dir, size=presize, workers=default_workers(), classes=table.classes)
     counts = table.counts()
@@ -193,7 +253,9 @@ class ComputeLimit:
         for group in self.optimizer.param_groups:
             group["lr"] = 1e-4
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-        self.images = torch.randn(batch_size, 3, size, size, device=runtime.device).contiguous(memory_format=runtime.memory_format)
+        self.images = torch.randn(batch_size, 3, size, size, device=runtime.device).contiguous(
+            memory_format=runtime.memory_format
+        )
         self.targets = torch.randint(0, n_classes, (batch_size,), device=runtime.device)
         for _ in range(warmup):  # allocator, oneDNN / cuDNN kernel choice: not part of any burst
             train_step(self.model, self.images, self.targets, self.optimizer, self.scaler, self.runtime)
@@ -263,13 +325,27 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def measure(
-    setting: Setting, store_dir: Path, runtime: Runtime, *, epochs: int, lr: float, num_workers: int | str, seed: int, augment: AugmentParams,
+    setting: Setting,
+    store_dir: Path,
+    runtime: Runtime,
+    *,
+    epochs: int,
+    lr: float,
+    num_workers: int | str,
+    seed: int,
+    augment: AugmentParams,
     warmup: int,
-) -> dict[str, object]:  # fmt: skip
+) -> dict[str, object]:
     """loader, (a), (b), (c) and (d) of one setting, on its presized store."""
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
-    common = dict(size=setting.size, batch_size=setting.batch_size, num_workers=num_workers, augment=augment, normalization=IMAGENET)
+    common = dict(
+        size=setting.size,
+        batch_size=setting.batch_size,
+        num_workers=num_workers,
+        augment=augment,
+        normalization=IMAGENET,
+    )
     train, _ = make_loaders(store_dir, runtime, generator=seed_everything(seed), **common)
     n_classes, batches_per_epoch = len(train.dataset.store.classes), len(train)
     for _ in train.loader:  # untimed: starts the worker processes, if any, and reads the store into the page cache
@@ -284,15 +360,26 @@ def measure(
 
     # (a) is timed in a burst before epoch 1 and after every epoch, each as many steps as an epoch has
     # batches: burst e-1 and burst e bracket epoch e.
-    limit = ComputeLimit(runtime, arch=setting.arch, n_classes=n_classes, size=setting.size, batch_size=setting.batch_size, warmup=warmup)
+    limit = ComputeLimit(
+        runtime, arch=setting.arch, n_classes=n_classes, size=setting.size, batch_size=setting.batch_size, warmup=warmup
+    )
     burst_steps = max(10, batches_per_epoch)
     bursts = [limit.burst(burst_steps)]
     train, valid = make_loaders(store_dir, runtime, generator=seed_everything(seed), **common)
     model = build_model(setting.arch, n_classes)
     timed = TimedBatches(train)
     lr_max = [lr] * len(layer_groups(model))  # one LR for every layer group, as fastai's fit_one_cycle(epochs, lr)
-    history = fit_one_cycle(model, timed, valid, epochs=epochs, lr_max=lr_max, pct_start=0.25, weight_decay=0.01, runtime=runtime,
-                            on_epoch_end=lambda row: bursts.append(limit.burst(burst_steps)))  # fmt: skip
+    history = fit_one_cycle(
+        model,
+        timed,
+        valid,
+        epochs=epochs,
+        lr_max=lr_max,
+        pct_start=0.25,
+        weight_decay=0.01,
+        runtime=runtime,
+        on_epoch_end=lambda row: bursts.append(limit.burst(burst_steps)),
+    )
     started = time.perf_counter()
     logits, _ = predict(model, valid, runtime)
     eval_rate = len(logits) / (time.perf_counter() - started)  # predict syncs: its logits come back to the CPU
@@ -328,9 +415,19 @@ def measure(
 # fastai, when installed (not a dependency; untested where it is not installed)
 
 
-def measure_fastai(setting: Setting, dataset: Path, runtime: Runtime, *, epochs: int, lr: float, seed: int) -> dict[str, float]:
+def measure_fastai(
+    setting: Setting, dataset: Path, runtime: Runtime, *, epochs: int, lr: float, seed: int
+) -> dict[str, float]:
     """The same setting trained by fastai 2.8 from the image files: its images/s (b, c) and accuracy."""
-    from fastai.vision.all import Callback, ImageDataLoaders, Resize, accuracy, aug_transforms, get_image_files, vision_learner
+    from fastai.vision.all import (
+        Callback,
+        ImageDataLoaders,
+        Resize,
+        accuracy,
+        aug_transforms,
+        get_image_files,
+        vision_learner,
+    )
 
     class TrainPassTimer(Callback):
         """Seconds and images of each epoch's training pass, validation excluded (as petpipe's b)."""
@@ -353,8 +450,13 @@ def measure_fastai(setting: Setting, dataset: Path, runtime: Runtime, *, epochs:
             self.in_pass = False
 
     flip = setting.data != "digits"  # as for petpipe: a mirrored digit is another glyph
-    loader_args = dict(item_tfms=Resize(setting.presize), batch_tfms=aug_transforms(size=setting.size, min_scale=0.75, do_flip=flip),
-                       bs=setting.batch_size, num_workers=0, device=runtime.device)  # fmt: skip
+    loader_args = dict(
+        item_tfms=Resize(setting.presize),
+        batch_tfms=aug_transforms(size=setting.size, min_scale=0.75, do_flip=flip),
+        bs=setting.batch_size,
+        num_workers=0,
+        device=runtime.device,
+    )
     if setting.data == "pets-like":
         files = get_image_files(dataset / "images")
         dls = ImageDataLoaders.from_name_re(dataset, files, PETS_PATTERN, valid_pct=VALID_PCT, seed=seed, **loader_args)
@@ -395,7 +497,11 @@ def fastai_version() -> str | None:
 def machine_info(runtime: Runtime, num_workers: int) -> dict[str, object]:
     cpu = platform.processor() or platform.machine()
     try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     except OSError:  # not Linux
         pass
@@ -420,44 +526,102 @@ def machine_info(runtime: Runtime, num_workers: int) -> dict[str, object]:
 def print_report(machine: dict[str, object], rows: list[dict[str, object]]) -> None:
     memory = "peak GPU MiB" if machine["gpu"] else "peak RSS MiB"
     print()
-    print(f"{machine['date']}  {machine['cpu']} ({machine['machine']}, {machine['cores']} cores, {machine['torch_threads']} torch threads)")
-    print(f"device {machine['device']}; loader workers {machine['loader_workers']}; python {machine['python']}, torch {machine['torch']}, "
-          f"torchvision {machine['torchvision']}, fastai {machine['fastai'] or 'not installed'}")  # fmt: skip
-    print(f"load average (1, 5, 15 min) at start {fmt_load(machine['load_average_start'])}, at end {fmt_load(machine['load_average_end'])}")
+    print(
+        f"{machine['date']}  {machine['cpu']} ({machine['machine']}, {machine['cores']} cores, "
+        f"{machine['torch_threads']} torch threads)"
+    )
+    print(
+        f"device {machine['device']}; loader workers {machine['loader_workers']}; python {machine['python']}, torch "
+        f"{machine['torch']}, "
+        f"torchvision {machine['torchvision']}, fastai {machine['fastai'] or 'not installed'}"
+    )
+    print(
+        f"load average (1, 5, 15 min) at start {fmt_load(machine['load_average_start'])}, at end "
+        f"{fmt_load(machine['load_average_end'])}"
+    )
     if machine["load_average_start"][0] > 0.5 * machine["cores"]:  # before this run loaded the machine itself
-        print(f"WARNING: other work was keeping the {machine['cores']} cores busy: expect noisy numbers; compare the medians, rerun")
+        print(
+            f"WARNING: other work was keeping the {machine['cores']} cores busy: expect noisy numbers; compare the "
+            "medians, rerun"
+        )
     print()
-    header = ["setting", "epochs", "train/valid", "presize img/s", "raw loader img/s", "loader img/s", "augment ms/batch",
-              "(a) step img/s", "(b) epoch img/s", "(c) eval img/s", "(d) b/a", "b/a of median steps", memory, "accuracy"]  # fmt: skip
+    header = [
+        "setting",
+        "epochs",
+        "train/valid",
+        "presize img/s",
+        "raw loader img/s",
+        "loader img/s",
+        "augment ms/batch",
+        "(a) step img/s",
+        "(b) epoch img/s",
+        "(c) eval img/s",
+        "(d) b/a",
+        "b/a of median steps",
+        memory,
+        "accuracy",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         ours = row["petpipe"]
-        cells = [row["setting"], row["epochs"], f"{row['n_train']}/{row['n_valid']}", f"{row['presize_images_per_s']:.0f}",
-                 f"{ours['raw_loader_images_per_s']:.0f}", f"{ours['loader_images_per_s']:.0f}", f"{ours['augment_ms_per_batch']:.1f}",
-                 f"{ours['compute_images_per_s']:.1f}", f"{ours['train_images_per_s']:.1f}", f"{ours['eval_images_per_s']:.0f}",
-                 f"**{ours['train_over_compute']:.2f}**", f"{ours['train_over_compute_medians']:.2f}", f"{ours['peak_memory_mib']:.0f}",
-                 f"{ours['accuracy']:.3f}"]  # fmt: skip
+        cells = [
+            row["setting"],
+            row["epochs"],
+            f"{row['n_train']}/{row['n_valid']}",
+            f"{row['presize_images_per_s']:.0f}",
+            f"{ours['raw_loader_images_per_s']:.0f}",
+            f"{ours['loader_images_per_s']:.0f}",
+            f"{ours['augment_ms_per_batch']:.1f}",
+            f"{ours['compute_images_per_s']:.1f}",
+            f"{ours['train_images_per_s']:.1f}",
+            f"{ours['eval_images_per_s']:.0f}",
+            f"**{ours['train_over_compute']:.2f}**",
+            f"{ours['train_over_compute_medians']:.2f}",
+            f"{ours['peak_memory_mib']:.0f}",
+            f"{ours['accuracy']:.3f}",
+        ]
         print("| " + " | ".join(str(c) for c in cells) + " |")
         if "fastai_error" in row:
             print(f"|   fastai: {row['setting']} | failed: {row['fastai_error'][:200]} |")
         if "fastai" in row:
             theirs = row["fastai"]
-            cells = [f"  fastai: {row['setting']}", row["epochs"], "", "(in epoch)", "", "", "", "",
-                     f"{theirs['train_images_per_s']:.1f}", f"{theirs['eval_images_per_s']:.0f}",
-                     f"{theirs['train_images_per_s'] / ours['compute_images_per_s']:.2f}", "", "", f"{theirs['accuracy']:.3f}"]  # fmt: skip
+            cells = [
+                f"  fastai: {row['setting']}",
+                row["epochs"],
+                "",
+                "(in epoch)",
+                "",
+                "",
+                "",
+                "",
+                f"{theirs['train_images_per_s']:.1f}",
+                f"{theirs['eval_images_per_s']:.0f}",
+                f"{theirs['train_images_per_s'] / ours['compute_images_per_s']:.2f}",
+                "",
+                "",
+                f"{theirs['accuracy']:.3f}",
+            ]
             print("| " + " | ".join(str(c) for c in cells) + " |")
     print()
     for row in rows:
         ours = row["petpipe"]
-        print(f"{row['setting']}: (a) bursts {fmt_rates(ours['compute_bursts_images_per_s'])}; "
-              f"(b) by epoch {fmt_rates(ours['train_images_per_s_by_epoch'])}; "
-              f"b/a by epoch {fmt_rates(ours['ratio_by_epoch'], 2)}; b if batch making and step ran one after the other "
-              f"{ours['serial_bound_images_per_s']:.1f}; median step (a) {ours['compute_step_ms_median']:.1f} ms, "
-              f"(b) {ours['train_step_ms_median']:.1f} ms")  # fmt: skip
+        print(
+            f"{row['setting']}: (a) bursts {fmt_rates(ours['compute_bursts_images_per_s'])}; "
+            f"(b) by epoch {fmt_rates(ours['train_images_per_s_by_epoch'])}; "
+            f"b/a by epoch {fmt_rates(ours['ratio_by_epoch'], 2)}; b if batch making and step ran one after the other "
+            f"{ours['serial_bound_images_per_s']:.1f}; median step (a) {ours['compute_step_ms_median']:.1f} ms, "
+            f"(b) {ours['train_step_ms_median']:.1f} ms"
+        )
     print("(a) bursts run before epoch 1 and after each epoch; a and b leave out epoch 1 (warm-up) from 2 epochs on.")
-    print("b/a by epoch: epoch e against the two bursts around it. b/a of median steps: median (a) step time over median (b) step")
-    print("time (step + making the next batch), the robust figure where other work shares the machine. Peak RSS: process maximum so far.")
+    print(
+        "b/a by epoch: epoch e against the two bursts around it. b/a of median steps: median (a) step time over "
+        "median (b) step"
+    )
+    print(
+        "time (step + making the next batch), the robust figure where other work shares the machine. Peak RSS: "
+        "process maximum so far."
+    )
 
 
 def fmt_rates(values: list[float], digits: int = 1) -> str:
@@ -479,8 +643,13 @@ def chosen_settings(args: argparse.Namespace) -> list[Setting]:
         if args.data and setting.data not in args.data.split(","):
             continue
         size = args.size or setting.size
-        setting = replace(setting, arch=args.arch or setting.arch, size=size, batch_size=args.batch_size or setting.batch_size,
-                          presize=args.presize or (2 * size if args.size else setting.presize))  # fmt: skip
+        setting = replace(
+            setting,
+            arch=args.arch or setting.arch,
+            size=size,
+            batch_size=args.batch_size or setting.batch_size,
+            presize=args.presize or (2 * size if args.size else setting.presize),
+        )
         if setting not in settings:  # overrides can make two settings the same
             settings.append(setting)
     if not settings:
@@ -490,9 +659,13 @@ def chosen_settings(args: argparse.Namespace) -> list[Setting]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="settings, device and precision (default: cpu)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="cpu", help="settings, device and precision (default: cpu)"
+    )
     parser.add_argument("--arch", help="override every setting's architecture (torchvision name)")
-    parser.add_argument("--size", type=int, help="override every setting's train size (presize becomes 2x unless --presize)")
+    parser.add_argument(
+        "--size", type=int, help="override every setting's train size (presize becomes 2x unless --presize)"
+    )
     parser.add_argument("--presize", type=int, help="override the presized store's shorter side")
     parser.add_argument("--batch-size", type=int, help="override every setting's batch size")
     parser.add_argument("--epochs", type=int, help="fit_one_cycle epochs (default: the preset's)")
@@ -500,14 +673,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", help="comma-separated subset of the preset's datasets: pets-like, digits")
     parser.add_argument("--device", help="override the preset's device: auto, cuda, mps, cpu")
     parser.add_argument("--precision", help="override the preset's precision: auto, fp32, fp16, bf16")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice, printed in the report)")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: torch's choice, printed in the report)"
+    )
     parser.add_argument("--num-workers", default="auto", help="DataLoader workers: auto (0 on the CPU) or a number")
-    parser.add_argument("--lr", type=float, default=3e-3, help="one-cycle maximum learning rate, every layer group (default 3e-3)")
+    parser.add_argument(
+        "--lr", type=float, default=3e-3, help="one-cycle maximum learning rate, every layer group (default 3e-3)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed train steps before (a)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--workdir", type=Path, help="keep the generated data and stores here (default: a temp folder, deleted)")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the generated data and stores here (default: a temp folder, deleted)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--no-fastai", action="store_true", help="skip the fastai comparison even if fastai is installed")
+    parser.add_argument(
+        "--no-fastai", action="store_true", help="skip the fastai comparison even if fastai is installed"
+    )
     return parser.parse_args(argv)
 
 
@@ -527,20 +708,45 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         print(f"== {setting.name} (presize {setting.presize}) on {runtime.describe()}", flush=True)
         if setting.data not in datasets:
             folder = workdir / setting.data
-            datasets[setting.data] = make_pets_like(folder, images=images, seed=args.seed) if setting.data == "pets-like" else extract_digits(folder)
+            datasets[setting.data] = (
+                make_pets_like(folder, images=images, seed=args.seed)
+                if setting.data == "pets-like"
+                else extract_digits(folder)
+            )
         key = (setting.data, setting.presize)
         if key not in stores:
             store_dir = workdir / "stores" / f"{setting.data}-{setting.presize}"
-            stores[key] = (store_dir, *build_store(datasets[setting.data], setting.data, store_dir, presize=setting.presize, seed=args.seed))
+            stores[key] = (
+                store_dir,
+                *build_store(datasets[setting.data], setting.data, store_dir, presize=setting.presize, seed=args.seed),
+            )
         store_dir, presize_rate, n_train, n_valid = stores[key]
         augment = fastai_augment(flip=setting.data != "digits")  # a mirrored digit is another glyph (as params.yaml)
-        ours = measure(setting, store_dir, runtime, epochs=epochs, lr=args.lr, num_workers=num_workers, seed=args.seed, augment=augment,
-                       warmup=args.warmup)  # fmt: skip
-        row = {"setting": setting.name, **asdict(setting), "epochs": epochs, "n_train": n_train, "n_valid": n_valid,
-               "presize_images_per_s": presize_rate, "petpipe": ours}  # fmt: skip
+        ours = measure(
+            setting,
+            store_dir,
+            runtime,
+            epochs=epochs,
+            lr=args.lr,
+            num_workers=num_workers,
+            seed=args.seed,
+            augment=augment,
+            warmup=args.warmup,
+        )
+        row = {
+            "setting": setting.name,
+            **asdict(setting),
+            "epochs": epochs,
+            "n_train": n_train,
+            "n_valid": n_valid,
+            "presize_images_per_s": presize_rate,
+            "petpipe": ours,
+        }
         if with_fastai:
             try:
-                row["fastai"] = measure_fastai(setting, datasets[setting.data], runtime, epochs=epochs, lr=args.lr, seed=args.seed)
+                row["fastai"] = measure_fastai(
+                    setting, datasets[setting.data], runtime, epochs=epochs, lr=args.lr, seed=args.seed
+                )
             except Exception as err:  # an optional, untested-here comparison must not lose petpipe's numbers
                 traceback.print_exc()
                 row["fastai_error"] = f"{type(err).__name__}: {err}"

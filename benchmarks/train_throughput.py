@@ -32,10 +32,10 @@ from PIL import Image
 
 from petpipe.augment import fastai_augment
 from petpipe.data import make_loaders
-from petpipe.normalization import IMAGENET
 from petpipe.device import Runtime, pick_device, pick_precision, seed_everything
 from petpipe.engine import fit_one_cycle, load_checkpoint, make_optimizer, save_checkpoint, train_step, uses_fused_adamw
 from petpipe.model import build_model, layer_groups
+from petpipe.normalization import IMAGENET
 from petpipe.presize import write_store
 
 
@@ -48,7 +48,9 @@ class Stepper:
     """A model, its optimizer (AdamW as the pipeline makes it, or with ``fused`` True or False the
     chosen kernel) and one synthetic batch on the device, ready for timed ``train_step`` calls."""
 
-    def __init__(self, runtime: Runtime, *, arch: str, size: int, batch_size: int, classes: int, fused: bool | None = None):
+    def __init__(
+        self, runtime: Runtime, *, arch: str, size: int, batch_size: int, classes: int, fused: bool | None = None
+    ):
         seed_everything(0)
         self.runtime, self.batch_size = runtime, batch_size
         self.model = build_model(arch, classes).to(runtime.device).train()
@@ -69,7 +71,9 @@ class Stepper:
         return time.perf_counter() - start
 
 
-def measure(runtime: Runtime, *, arch: str, size: int, batch_size: int, steps: int, warmup: int, classes: int) -> dict[str, float]:
+def measure(
+    runtime: Runtime, *, arch: str, size: int, batch_size: int, steps: int, warmup: int, classes: int
+) -> dict[str, float]:
     stepper = Stepper(runtime, arch=arch, size=size, batch_size=batch_size, classes=classes)
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
@@ -79,10 +83,15 @@ def measure(runtime: Runtime, *, arch: str, size: int, batch_size: int, steps: i
     return {"images_per_s": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps, "peak_gib": peak}
 
 
-def compare_adamw(runtime: Runtime, *, arch: str, size: int, batch_size: int, steps: int, warmup: int, classes: int, rounds: int = 6) -> str:
+def compare_adamw(
+    runtime: Runtime, *, arch: str, size: int, batch_size: int, steps: int, warmup: int, classes: int, rounds: int = 6
+) -> str:
     """torch's fused AdamW kernel against its default one: bursts of ``steps`` alternate between the
     two ``rounds`` times (so both see the same machine load); median ms per step of each."""
-    steppers = {fused: Stepper(runtime, arch=arch, size=size, batch_size=batch_size, classes=classes, fused=fused) for fused in (True, False)}
+    steppers = {
+        fused: Stepper(runtime, arch=arch, size=size, batch_size=batch_size, classes=classes, fused=fused)
+        for fused in (True, False)
+    }
     per_step: dict[bool, list[float]] = {fused: [] for fused in steppers}
     for stepper in steppers.values():
         stepper.seconds(warmup)
@@ -91,13 +100,17 @@ def compare_adamw(runtime: Runtime, *, arch: str, size: int, batch_size: int, st
             per_step[fused].append(stepper.seconds(steps) / steps)
     fused, default = (statistics.median(per_step[k]) for k in (True, False))
     used = "fused" if uses_fused_adamw(runtime.device) else "default"
-    return (f"AdamW fused kernel {1000 * fused:.1f} ms/step ({batch_size / fused:.1f} images/s), "
-            f"default kernel {1000 * default:.1f} ms/step ({batch_size / default:.1f} images/s): fused x{default / fused:.2f}; "
-            f"the pipeline uses the {used} kernel on {runtime.device.type}")  # fmt: skip
+    return (
+        f"AdamW fused kernel {1000 * fused:.1f} ms/step ({batch_size / fused:.1f} images/s), "
+        f"default kernel {1000 * default:.1f} ms/step ({batch_size / default:.1f} images/s): fused "
+        f"x{default / fused:.2f}; "
+        f"the pipeline uses the {used} kernel on {runtime.device.type}"
+    )
 
 
 def synthetic_store(out_dir: Path, *, n: int, size: int, classes: int) -> Path:
-    """A presized store of ``n`` random 4:3 images (the real data path: pinned uint8 batches, augmentation on the device)."""
+    """A presized store of ``n`` random 4:3 images (the real data path: pinned uint8 batches, augmentation on the
+    device)."""
     root = out_dir.parent / "images"
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -115,15 +128,31 @@ def check(runtime: Runtime, *, arch: str, size: int, batch_size: int, classes: i
     model = build_model(arch, classes)
     head_before = model[1][-1].weight.detach().clone()
     store = synthetic_store(checkpoint.parent / "presized", n=8 * batch_size, size=size, classes=classes)
-    train, valid = make_loaders(store, runtime, size=size, batch_size=batch_size, num_workers="auto", augment=fastai_augment(), generator=seed_everything(0), normalization=IMAGENET)
-    history = fit_one_cycle(model, train, valid, epochs=1, lr_max=[1e-4, 1e-3, 1e-2], pct_start=0.25, weight_decay=0.01, runtime=runtime)
+    train, valid = make_loaders(
+        store,
+        runtime,
+        size=size,
+        batch_size=batch_size,
+        num_workers="auto",
+        augment=fastai_augment(),
+        generator=seed_everything(0),
+        normalization=IMAGENET,
+    )
+    history = fit_one_cycle(
+        model, train, valid, epochs=1, lr_max=[1e-4, 1e-3, 1e-2], pct_start=0.25, weight_decay=0.01, runtime=runtime
+    )
     assert math.isfinite(history[0]["train_loss"]) and math.isfinite(history[0]["valid_loss"]), history
-    assert not torch.equal(model[1][-1].weight.detach().cpu(), head_before), "no optimizer step was taken (all skipped?)"
+    assert not torch.equal(model[1][-1].weight.detach().cpu(), head_before), (
+        "no optimizer step was taken (all skipped?)"
+    )
     save_checkpoint(checkpoint, model, meta={"arch": arch})
     restored = build_model(arch, classes)
     restored.load_state_dict(load_checkpoint(checkpoint)["model"])
     assert torch.equal(restored[1][-1].weight, model[1][-1].weight.detach().cpu())
-    print(f"  check {runtime.precision}: fit_one_cycle epoch ok (train_loss {history[0]['train_loss']:.3f}), checkpoint round trip ok")
+    print(
+        f"  check {runtime.precision}: fit_one_cycle epoch ok (train_loss {history[0]['train_loss']:.3f}), checkpoint "
+        "round trip ok"
+    )
 
 
 def main() -> None:
@@ -136,26 +165,66 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=37)
     parser.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
     parser.add_argument("--precisions", default="fp32,auto", help="comma-separated: fp32, fp16, bf16, auto")
-    parser.add_argument("--check", action="store_true", help="first run one real epoch and a checkpoint round trip per precision")
-    parser.add_argument("--compare-adamw", action="store_true",
-                        help="also time torch's fused AdamW kernel against its default one, per precision")  # fmt: skip
+    parser.add_argument(
+        "--check", action="store_true", help="first run one real epoch and a checkpoint round trip per precision"
+    )
+    parser.add_argument(
+        "--compare-adamw",
+        action="store_true",
+        help="also time torch's fused AdamW kernel against its default one, per precision",
+    )
     args = parser.parse_args()
 
     device = pick_device(args.device)
-    print(f"{args.arch} {args.size}px batch {args.batch_size}, {args.steps} timed steps on {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"))  # fmt: skip
+    print(
+        f"{args.arch} {args.size}px batch {args.batch_size}, {args.steps} timed steps on {device}"
+        + (
+            f" ({torch.cuda.get_device_name(device)})"
+            if device.type == "cuda"
+            else f" ({torch.get_num_threads()} threads)"
+        )
+    )
     baseline = None
     for name in args.precisions.split(","):
         runtime = Runtime(device, pick_precision(name, device))
         if args.check:
             with tempfile.TemporaryDirectory() as tmp:
-                check(runtime, arch=args.arch, size=args.size, batch_size=args.batch_size, classes=args.classes, checkpoint=Path(tmp) / "c.pt")
-        result = measure(runtime, arch=args.arch, size=args.size, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, classes=args.classes)
+                check(
+                    runtime,
+                    arch=args.arch,
+                    size=args.size,
+                    batch_size=args.batch_size,
+                    classes=args.classes,
+                    checkpoint=Path(tmp) / "c.pt",
+                )
+        result = measure(
+            runtime,
+            arch=args.arch,
+            size=args.size,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            classes=args.classes,
+        )
         baseline = baseline or result["images_per_s"]
-        print(f"  {name:>5} -> {runtime.precision:>4}: {result['images_per_s']:8.1f} images/s  {result['step_ms']:8.1f} ms/step  "
-              f"x{result['images_per_s'] / baseline:.2f} vs first  peak {result['peak_gib']:.2f} GiB")  # fmt: skip
+        print(
+            f"  {name:>5} -> {runtime.precision:>4}: {result['images_per_s']:8.1f} images/s  {result['step_ms']:8.1f} "
+            "ms/step  "
+            f"x{result['images_per_s'] / baseline:.2f} vs first  peak {result['peak_gib']:.2f} GiB"
+        )
         if args.compare_adamw:
-            print("         " + compare_adamw(runtime, arch=args.arch, size=args.size, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, classes=args.classes))
+            print(
+                "         "
+                + compare_adamw(
+                    runtime,
+                    arch=args.arch,
+                    size=args.size,
+                    batch_size=args.batch_size,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    classes=args.classes,
+                )
+            )
 
 
 if __name__ == "__main__":

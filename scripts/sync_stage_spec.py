@@ -57,5 +57,7 @@ if __name__ == "__main__":
     path = ROOT / "dvc.yaml"
     before = path.read_text()
     after = sync(before)
-    sys.stdout.writelines(difflib.unified_diff(before.splitlines(True), after.splitlines(True), "dvc.yaml", "dvc.yaml (synced)"))
+    sys.stdout.writelines(
+        difflib.unified_diff(before.splitlines(True), after.splitlines(True), "dvc.yaml", "dvc.yaml (synced)")
+    )
     path.write_text(after)

@@ -41,10 +41,22 @@ def start_ui(store: Path, artifacts: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen(
-        [str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{store.resolve()}", "--artifacts-destination", str(artifacts.resolve()),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(mlflow),
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{store.resolve()}",
+            "--artifacts-destination",
+            str(artifacts.resolve()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -65,8 +77,16 @@ def browser(profile: str, width: int, height: int):
         sys.exit("needs chromium and chromedriver on PATH (apt-get install -y chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", f"--user-data-dir={profile}", f"--window-size={width},{height}"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver), options=options)
 
@@ -89,10 +109,17 @@ def click_all(driver, selector: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", type=Path, default=ROOT / "mlflow.db", help="sqlite store (default: the repository's mlflow.db)")
+    parser.add_argument(
+        "--store", type=Path, default=ROOT / "mlflow.db", help="sqlite store (default: the repository's mlflow.db)"
+    )
     parser.add_argument("--artifacts", type=Path, default=ROOT / "mlartifacts", help="its artifact folder")
     parser.add_argument("--experiment", default="petpipe")
-    parser.add_argument("--expect", action="append", default=[], help="text the table must show before the picture is taken (repeatable)")
+    parser.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        help="text the table must show before the picture is taken (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "mlflow-runs.png")
     parser.add_argument("--size", default="1800x1000", help="window WIDTHxHEIGHT")
     args = parser.parse_args(argv)
@@ -107,11 +134,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 driver.get(f"{url}/{runs_url}")
                 expected = args.expect or ["repro@"]
-                WebDriverWait(driver, 90).until(lambda d: all(text in d.find_element("tag name", "body").text for text in expected))
+                WebDriverWait(driver, 90).until(
+                    lambda d: all(text in d.find_element("tag name", "body").text for text in expected)
+                )
                 time.sleep(2)  # charts and icons finish drawing
                 click_all(driver, CLOSE_PANEL)
                 expanded = click_all(driver, EXPANDER)
-                WebDriverWait(driver, 30).until(lambda d: "finetune" in d.find_element("tag name", "body").text or not expanded)
+                WebDriverWait(driver, 30).until(
+                    lambda d: "finetune" in d.find_element("tag name", "body").text or not expanded
+                )
                 time.sleep(1)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 driver.save_screenshot(str(args.out))

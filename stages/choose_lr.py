@@ -30,7 +30,10 @@ def run(cfg: Config, *, lr_find_result: Path, chosen: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = [("lr_find_result", "lr_find's suggested LRs (used when finetune.max_lr is auto)"), ("chosen", "chosen LRs JSON to write")]
+    arguments = [
+        ("lr_find_result", "lr_find's suggested LRs (used when finetune.max_lr is auto)"),
+        ("chosen", "chosen LRs JSON to write"),
+    ]
     return stage_main(run, arguments, description=__doc__, argv=argv)
 
 

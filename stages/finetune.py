@@ -12,12 +12,24 @@ from petpipe.config import Config, flatten, select  # noqa: E402
 from petpipe.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
 
 PARAMS = (
-    "seed", "device", "precision", "distributed.nproc_per_node", "distributed.nnodes", "distributed.backend", "train.size", "train.batch_size",
-    "train.augment", "train.weight_decay", "finetune.epochs", "finetune.pct_start",
-)  # fmt: skip
+    "seed",
+    "device",
+    "precision",
+    "distributed.nproc_per_node",
+    "distributed.nnodes",
+    "distributed.backend",
+    "train.size",
+    "train.batch_size",
+    "train.augment",
+    "train.weight_decay",
+    "finetune.epochs",
+    "finetune.pct_start",
+)
 
 
-def run(cfg: Config, *, presized: Path, checkpoint: Path, chosen_lr: Path, final: Path, metrics: Path, plot: Path) -> dict:
+def run(
+    cfg: Config, *, presized: Path, checkpoint: Path, chosen_lr: Path, final: Path, metrics: Path, plot: Path
+) -> dict:
     from petpipe.finetune_lr import read_chosen_lr
     from petpipe.model import layer_groups
     from petpipe.normalization import from_meta
@@ -31,32 +43,57 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, chosen_lr: Path, final
 
     inputs = {"presized": presized, "checkpoint": checkpoint, "chosen_lr": chosen_lr}
     with stage_run(
-        "finetune", select(cfg, PARAMS), resolved=flatten(cfg), inputs=inputs, dataset=presized,
-        outputs={"final": final, "metrics": metrics, "plot": plot}, system_metrics=True,
-    ) as run:  # fmt: skip
-        runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend)
+        "finetune",
+        select(cfg, PARAMS),
+        resolved=flatten(cfg),
+        inputs=inputs,
+        dataset=presized,
+        outputs={"final": final, "metrics": metrics, "plot": plot},
+        system_metrics=True,
+    ) as run:
+        runtime, generator = prepare(
+            device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend
+        )
         lo, hi = read_chosen_lr(chosen_lr)
         model, meta = restore_unfrozen(checkpoint)
         train_loader, valid_loader = loaders(cfg.train, presized, runtime, generator, from_meta(meta))
         result = fit_and_record(
-            run, stage="finetune", runtime=runtime, model=model, meta=meta, train_loader=train_loader, valid_loader=valid_loader,
-            epochs=cfg.finetune.epochs, lr_max=discriminative_lrs(lo, hi, len(layer_groups(model))), pct_start=cfg.finetune.pct_start,
-            weight_decay=cfg.train.weight_decay, checkpoint=final, metrics=metrics, plot=plot, extra_metrics={"max_lr_lo": lo, "max_lr_hi": hi},
+            run,
+            stage="finetune",
+            runtime=runtime,
+            model=model,
+            meta=meta,
+            train_loader=train_loader,
+            valid_loader=valid_loader,
+            epochs=cfg.finetune.epochs,
+            lr_max=discriminative_lrs(lo, hi, len(layer_groups(model))),
+            pct_start=cfg.finetune.pct_start,
+            weight_decay=cfg.train.weight_decay,
+            checkpoint=final,
+            metrics=metrics,
+            plot=plot,
+            extra_metrics={"max_lr_lo": lo, "max_lr_hi": hi},
             resume=resume_point("finetune", select(cfg, PARAMS), inputs=[presized, checkpoint, chosen_lr]),
-        )  # fmt: skip
+        )
         # The execution's headline numbers on its parent run, and the final model, once: the network, and a pyfunc
         # taking raw images (registered as mlflow.register_as when it is set).
         run.log_headline(result)
         store = PresizedStore(presized)
-        log_final_models(run, final, presize_size=store.size, example=example_input(store), register_as=cfg.mlflow.register_as)
+        log_final_models(
+            run, final, presize_size=store.size, example=example_input(store), register_as=cfg.mlflow.register_as
+        )
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = [
-        *TRAINING_DATA, ("checkpoint", "stage-1 checkpoint to read"), ("chosen_lr", "LRs chosen by the choose_lr stage"),
-        ("final", "final model checkpoint to write"), ("metrics", "final-epoch metrics JSON"), ("plot", "per-epoch metrics CSV"),
-    ]  # fmt: skip
+        *TRAINING_DATA,
+        ("checkpoint", "stage-1 checkpoint to read"),
+        ("chosen_lr", "LRs chosen by the choose_lr stage"),
+        ("final", "final model checkpoint to write"),
+        ("metrics", "final-epoch metrics JSON"),
+        ("plot", "per-epoch metrics CSV"),
+    ]
     return stage_main(run, arguments, description=__doc__, argv=argv, torchrun_script=__file__)
 
 

@@ -1,4 +1,5 @@
-"""Stage labels: label every image (labels.rule) and split train/valid (labels.split); images are decoded later, by presize."""
+"""Stage labels: label every image (labels.rule) and split train/valid (labels.split); images are decoded later, by
+presize."""
 
 from __future__ import annotations
 
@@ -12,9 +13,18 @@ from petpipe.config import Config, flatten, select  # noqa: E402
 from petpipe.stage import exit_process, stage_main  # noqa: E402
 
 PARAMS = (
-    "seed", "labels.rule", "labels.images_dir", "labels.pattern", "labels.regex_on", "labels.csv", "labels.function",
-    "labels.split", "labels.valid_pct", "labels.valid_file", "labels.train_file",
-)  # fmt: skip
+    "seed",
+    "labels.rule",
+    "labels.images_dir",
+    "labels.pattern",
+    "labels.regex_on",
+    "labels.csv",
+    "labels.function",
+    "labels.split",
+    "labels.valid_pct",
+    "labels.valid_file",
+    "labels.train_file",
+)
 
 
 def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str, int]:
@@ -23,14 +33,28 @@ def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str
     from petpipe.tracking.runs import stage_run
 
     with stage_run(
-        "labels", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"dataset": dataset}, dataset=dataset,
+        "labels",
+        select(cfg, PARAMS),
+        resolved=flatten(cfg),
+        inputs={"dataset": dataset},
+        dataset=dataset,
         outputs={"labels": out_dir, "metrics": metrics},
-    ) as mlflow_run:  # fmt: skip
+    ) as mlflow_run:
         table = make_table(
-            dataset, rule=cfg.labels.rule, images_dir=cfg.labels.images_dir, pattern=cfg.labels.pattern, match_on=cfg.labels.regex_on,
-            csv_name=cfg.labels.csv, function=cfg.labels.function, split=cfg.labels.split, valid_pct=cfg.labels.valid_pct,
-            valid_file=cfg.labels.valid_file, train_file=cfg.labels.train_file, seed=cfg.seed, code_root=Path.cwd(),
-        )  # fmt: skip
+            dataset,
+            rule=cfg.labels.rule,
+            images_dir=cfg.labels.images_dir,
+            pattern=cfg.labels.pattern,
+            match_on=cfg.labels.regex_on,
+            csv_name=cfg.labels.csv,
+            function=cfg.labels.function,
+            split=cfg.labels.split,
+            valid_pct=cfg.labels.valid_pct,
+            valid_file=cfg.labels.valid_file,
+            train_file=cfg.labels.train_file,
+            seed=cfg.seed,
+            code_root=Path.cwd(),
+        )
         files = write_table(table, out_dir)
         counts = table.counts()
         write_json(metrics, counts)
@@ -44,7 +68,11 @@ def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = [("dataset", "extracted dataset folder"), ("out_dir", "folder for table.csv, classes.json, skipped.csv"), ("metrics", "counts JSON")]
+    arguments = [
+        ("dataset", "extracted dataset folder"),
+        ("out_dir", "folder for table.csv, classes.json, skipped.csv"),
+        ("metrics", "counts JSON"),
+    ]
     return stage_main(run, arguments, description=__doc__, argv=argv)
 
 

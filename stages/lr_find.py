@@ -12,9 +12,17 @@ from petpipe.config import Config, flatten, select  # noqa: E402
 from petpipe.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
 
 PARAMS = (
-    "seed", "device", "precision", "train.size", "train.batch_size", "train.augment", "train.weight_decay",
-    "lr_find.start_lr", "lr_find.end_lr", "lr_find.num_it",
-)  # fmt: skip
+    "seed",
+    "device",
+    "precision",
+    "train.size",
+    "train.batch_size",
+    "train.augment",
+    "train.weight_decay",
+    "lr_find.start_lr",
+    "lr_find.end_lr",
+    "lr_find.num_it",
+)
 
 
 def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Path, figure: Path) -> dict:
@@ -24,26 +32,39 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Pa
     from petpipe.training import loaders, prepare, restore_unfrozen
 
     with stage_run(
-        "lr_find", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"presized": presized, "checkpoint": checkpoint}, dataset=presized,
-        outputs={"result": result, "plot": plot, "figure": figure}, system_metrics=True,
-    ) as run:  # fmt: skip
+        "lr_find",
+        select(cfg, PARAMS),
+        resolved=flatten(cfg),
+        inputs={"presized": presized, "checkpoint": checkpoint},
+        dataset=presized,
+        outputs={"result": result, "plot": plot, "figure": figure},
+        system_metrics=True,
+    ) as run:
         runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)
         model, meta = restore_unfrozen(checkpoint)
         train_loader, _ = loaders(cfg.train, presized, runtime, generator, from_meta(meta))
         run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
         curve, summary = run_lr_find(
-            model, train_loader, runtime, start_lr=cfg.lr_find.start_lr, end_lr=cfg.lr_find.end_lr, num_it=cfg.lr_find.num_it,
+            model,
+            train_loader,
+            runtime,
+            start_lr=cfg.lr_find.start_lr,
+            end_lr=cfg.lr_find.end_lr,
+            num_it=cfg.lr_find.num_it,
             weight_decay=cfg.train.weight_decay,
-        )  # fmt: skip
+        )
         record_lr_find(run, curve, summary, result=result, plot=plot, figure=figure)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = [
-        *TRAINING_DATA, ("checkpoint", "stage-1 checkpoint to read"), ("result", "suggested LRs JSON"), ("plot", "loss-vs-LR CSV"),
+        *TRAINING_DATA,
+        ("checkpoint", "stage-1 checkpoint to read"),
+        ("result", "suggested LRs JSON"),
+        ("plot", "loss-vs-LR CSV"),
         ("figure", "loss-vs-LR PNG"),
-    ]  # fmt: skip
+    ]
     return stage_main(run, arguments, description=__doc__, argv=argv)
 
 

@@ -24,29 +24,40 @@ def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_
     from petpipe.tracking.runs import stage_run
 
     with stage_run(
-        "presize", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"dataset": dataset, "labels": table_csv.parent}, dataset=dataset,
+        "presize",
+        select(cfg, PARAMS),
+        resolved=flatten(cfg),
+        inputs={"dataset": dataset, "labels": table_csv.parent},
+        dataset=dataset,
         outputs={"presized": out_dir, "metrics": metrics},
-    ) as mlflow_run:  # fmt: skip
+    ) as mlflow_run:
         table = read_table(table_csv, classes_json)
         items = table.indexed()
         workers = default_workers()
         result = write_store(dataset, items, out_dir, size=cfg.presize.size, workers=workers, classes=table.classes)
         counts = {"n_images": result.n_images, "n_skipped": result.n_skipped, "bytes": result.bytes}
         write_json(metrics, counts)
-        mlflow_run.log_metrics({**counts, "seconds": result.seconds, "images_per_s": len(items) / max(result.seconds, 1e-9)})
+        mlflow_run.log_metrics(
+            {**counts, "seconds": result.seconds, "images_per_s": len(items) / max(result.seconds, 1e-9)}
+        )
         mlflow_run.log_artifact(out_dir / "skipped.csv", "presize")
     for path, reason in result.skipped[:10]:
         print(f"presize: skipped {path}: {reason}", file=sys.stderr)
-    print(f"presize: {result.n_images} images ({result.bytes / 2**20:.1f} MiB), {result.n_skipped} skipped, "
-          f"{len(items) / max(result.seconds, 1e-9):.0f} images/s on {workers} processes -> {out_dir}")  # fmt: skip
+    print(
+        f"presize: {result.n_images} images ({result.bytes / 2**20:.1f} MiB), {result.n_skipped} skipped, "
+        f"{len(items) / max(result.seconds, 1e-9):.0f} images/s on {workers} processes -> {out_dir}"
+    )
     return counts
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = [
-        ("dataset", "extracted dataset folder"), ("table_csv", "labels table"), ("classes_json", "class list"),
-        ("out_dir", "presized store folder to write"), ("metrics", "counts JSON"),
-    ]  # fmt: skip
+        ("dataset", "extracted dataset folder"),
+        ("table_csv", "labels table"),
+        ("classes_json", "class list"),
+        ("out_dir", "presized store folder to write"),
+        ("metrics", "counts JSON"),
+    ]
     return stage_main(run, arguments, description=__doc__, argv=argv)
 
 

@@ -12,9 +12,23 @@ from petpipe.config import Config, flatten, select  # noqa: E402
 from petpipe.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
 
 PARAMS = (
-    "seed", "device", "precision", "distributed.nproc_per_node", "distributed.nnodes", "distributed.backend", "train.arch", "train.weights",
-    "train.normalize", "train.size", "train.batch_size", "train.augment", "train.weight_decay", "train_frozen.epochs", "train_frozen.lr", "train_frozen.pct_start",
-)  # fmt: skip
+    "seed",
+    "device",
+    "precision",
+    "distributed.nproc_per_node",
+    "distributed.nnodes",
+    "distributed.backend",
+    "train.arch",
+    "train.weights",
+    "train.normalize",
+    "train.size",
+    "train.batch_size",
+    "train.augment",
+    "train.weight_decay",
+    "train_frozen.epochs",
+    "train_frozen.lr",
+    "train_frozen.pct_start",
+)
 
 
 def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: Path) -> dict:
@@ -27,26 +41,57 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: P
 
     outputs = {"checkpoint": checkpoint, "metrics": metrics, "plot": plot}
     with stage_run(
-        "train_frozen", select(cfg, PARAMS), resolved=flatten(cfg), inputs={"presized": presized}, dataset=presized, outputs=outputs,
+        "train_frozen",
+        select(cfg, PARAMS),
+        resolved=flatten(cfg),
+        inputs={"presized": presized},
+        dataset=presized,
+        outputs=outputs,
         system_metrics=True,
-    ) as run:  # fmt: skip
-        runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend)
+    ) as run:
+        runtime, generator = prepare(
+            device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend
+        )
         classes = PresizedStore(presized).classes
-        model = build_model(cfg.train.arch, len(classes), cfg.train.weights)  # a weights problem stops here, before any training
-        normalization = resolve_normalization(cfg.train.normalize, weights=cfg.train.weights, pretrained=model.pretrained_normalization)
+        model = build_model(
+            cfg.train.arch, len(classes), cfg.train.weights
+        )  # a weights problem stops here, before any training
+        normalization = resolve_normalization(
+            cfg.train.normalize, weights=cfg.train.weights, pretrained=model.pretrained_normalization
+        )
         freeze_body(model)
         train_loader, valid_loader = loaders(cfg.train, presized, runtime, generator, normalization)
         return fit_and_record(
-            run, stage="train_frozen", runtime=runtime, model=model, train_loader=train_loader, valid_loader=valid_loader,
-            meta={"arch": cfg.train.arch, "classes": classes, "size": cfg.train.size, "normalize": normalization.as_dict()},
-            epochs=cfg.train_frozen.epochs, lr_max=[cfg.train_frozen.lr] * len(layer_groups(model)), pct_start=cfg.train_frozen.pct_start,
-            weight_decay=cfg.train.weight_decay, checkpoint=checkpoint, metrics=metrics, plot=plot,
+            run,
+            stage="train_frozen",
+            runtime=runtime,
+            model=model,
+            train_loader=train_loader,
+            valid_loader=valid_loader,
+            meta={
+                "arch": cfg.train.arch,
+                "classes": classes,
+                "size": cfg.train.size,
+                "normalize": normalization.as_dict(),
+            },
+            epochs=cfg.train_frozen.epochs,
+            lr_max=[cfg.train_frozen.lr] * len(layer_groups(model)),
+            pct_start=cfg.train_frozen.pct_start,
+            weight_decay=cfg.train.weight_decay,
+            checkpoint=checkpoint,
+            metrics=metrics,
+            plot=plot,
             resume=resume_point("train_frozen", select(cfg, PARAMS), inputs=[presized]),
-        )  # fmt: skip
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = [*TRAINING_DATA, ("checkpoint", "stage-1 checkpoint to write"), ("metrics", "final-epoch metrics JSON"), ("plot", "per-epoch metrics CSV")]
+    arguments = [
+        *TRAINING_DATA,
+        ("checkpoint", "stage-1 checkpoint to write"),
+        ("metrics", "final-epoch metrics JSON"),
+        ("plot", "per-epoch metrics CSV"),
+    ]
     return stage_main(run, arguments, description=__doc__, argv=argv, torchrun_script=__file__)
 
 

@@ -73,7 +73,17 @@ def write_presized(root: Path, out_dir: Path, size: int = 24) -> Path:
     from petpipe.labels import make_table
     from petpipe.presize import write_store
 
-    table = make_table(root, rule="folder", images_dir=".", pattern=None, match_on="name", csv_name=None, valid_pct=0.2, seed=0, split="folder")
+    table = make_table(
+        root,
+        rule="folder",
+        images_dir=".",
+        pattern=None,
+        match_on="name",
+        csv_name=None,
+        valid_pct=0.2,
+        seed=0,
+        split="folder",
+    )
     items = table.indexed()
     write_store(root, items, out_dir, size=size, workers=1, classes=table.classes, progress=False)
     return out_dir
@@ -182,10 +192,25 @@ def start_mlflow_server(home: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(home / "server.log", "a")
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{home / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(home / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=home,
+        start_new_session=True,
+    )
     log.close()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -234,7 +259,12 @@ def mlflow_server(tmp_path_factory, mlflow_template):
 
 def copy_project(dest: Path) -> Path:
     """The tracked files of this repository (plus unstaged edits) copied into ``dest``."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True)
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    )
     for rel in filter(None, files.stdout.decode().split("\0")):
         src = ROOT / rel
         if src.is_file():

@@ -74,7 +74,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         if action[0] == "html":
-            self._send(200, {"Content-Type": "text/html; charset=utf-8", "Content-Length": str(len(HTML_PAGE))}, HTML_PAGE)
+            self._send(
+                200, {"Content-Type": "text/html; charset=utf-8", "Content-Length": str(len(HTML_PAGE))}, HTML_PAGE
+            )
             return
         data = self.state.files.get(path)
         if data is None:

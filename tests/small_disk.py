@@ -82,13 +82,15 @@ def simulated_command(folder: Path, fills_after: int, free: int, script: Path, *
 def tmpfs_command(folder: Path, size: int, command: list[str], fill: bool = False) -> list[str]:
     """Run ``command`` with a real ``size``-byte tmpfs mounted on ``folder`` (``fill``: full before it starts),
     in user and mount namespaces of its own (no root needed); prints the files left on it, then unmounts it."""
-    script = "\n".join([
-        f'mount -t tmpfs -o size={size} petpipe-test "$0" || exit 99',
-        'cat /dev/zero > "$0/filler" 2>/dev/null' if fill else "",
-        '"$@"; code=$?',
-        'echo "files left on the disk: $(find "$0" -type f ! -path "$0/filler" | tr "\\n" " ")"',
-        "exit $code",
-    ])  # fmt: skip
+    script = "\n".join(
+        [
+            f'mount -t tmpfs -o size={size} petpipe-test "$0" || exit 99',
+            'cat /dev/zero > "$0/filler" 2>/dev/null' if fill else "",
+            '"$@"; code=$?',
+            'echo "files left on the disk: $(find "$0" -type f ! -path "$0/filler" | tr "\\n" " ")"',
+            "exit $code",
+        ]
+    )
     return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(folder), *command]
 
 

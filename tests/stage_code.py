@@ -60,7 +60,8 @@ def project_files(script: Path) -> set[Path]:
 
 
 def attribute_chains(tree: ast.AST, name: str) -> set[str]:
-    """Every attribute chain on the variable ``name`` (``cfg.train.arch`` -> ``train.arch``; ``cfg.train`` -> ``train``)."""
+    """Every attribute chain on the variable ``name`` (``cfg.train.arch`` -> ``train.arch``; ``cfg.train`` ->
+    ``train``)."""
     chains: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
@@ -83,7 +84,9 @@ LAUNCH = ("launch", ROOT / "src/petpipe/stage.py")
 
 def function_reads(path: Path, name: str, prefix: str = "") -> set[str]:
     """The attribute chains the function ``name`` in ``path`` reads on its first argument (``prefix.`` before each)."""
-    function = next(n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef) and n.name == name)
+    function = next(
+        n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef) and n.name == name
+    )
     return {prefix + chain for chain in attribute_chains(function, function.args.args[0].arg)}
 
 

@@ -104,7 +104,9 @@ def test_zip_archives_work(tmp_path):
     assert (tmp_path / "dataset" / "train" / "a" / "1.png").is_file()
 
 
-@pytest.mark.parametrize("name", ["../escape.txt", "top/../../escape.txt", "/abs/escape.txt", "C:/escape.txt", "..\\escape.txt"])
+@pytest.mark.parametrize(
+    "name", ["../escape.txt", "top/../../escape.txt", "/abs/escape.txt", "C:/escape.txt", "..\\escape.txt"]
+)
 def test_zip_with_an_unsafe_member_is_refused_and_writes_nothing_outside(tmp_path, name):
     archive = write_zip(tmp_path / "evil.zip", {"top/a/1.png": b"1", name: b"x"})
     with pytest.raises(ArchiveError, match=r"unsafe entry \(a path outside its folder\)"):

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from petpipe.augment import (
     CORNERS,
-    fastai_augment,
     adjust_lighting,
     batch_transform,
     crop_matrix,
     draw_batch,
+    fastai_augment,
     flip_matrix,
     normalize,
     perspective_matrix,
@@ -32,7 +32,9 @@ from petpipe.augment import (
 
 # Every random step off (geometry and lighting), so train_batch must reduce to valid_batch.
 NO_CHANCE = fastai_augment(flip=False, p_affine=0.0, min_scale=1.0, p_lighting=0.0)
-NO_MAGNITUDE = fastai_augment(flip=False, max_rotate=0.0, min_zoom=1.0, max_zoom=1.0, max_warp=0.0, min_scale=1.0, max_lighting=0.0)
+NO_MAGNITUDE = fastai_augment(
+    flip=False, max_rotate=0.0, min_zoom=1.0, max_zoom=1.0, max_warp=0.0, min_scale=1.0, max_lighting=0.0
+)
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -69,7 +71,10 @@ def test_valid_batch_keeps_a_same_size_image():
 
 def test_rotate_matrix_follows_the_rotation_formula():
     cos, sin = math.cos(math.pi / 6), math.sin(math.pi / 6)
-    torch.testing.assert_close(rotate_matrix(torch.tensor([30.0]))[0], torch.tensor([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]], dtype=torch.float64))
+    torch.testing.assert_close(
+        rotate_matrix(torch.tensor([30.0]))[0],
+        torch.tensor([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]], dtype=torch.float64),
+    )
     point = transform_points(torch.tensor([[[1.0, 0.0]]], dtype=torch.float64), rotate_matrix(torch.tensor([30.0])))
     torch.testing.assert_close(point, torch.tensor([[[cos, sin]]], dtype=torch.float64))
 
@@ -91,8 +96,12 @@ def test_points_outside_the_image_are_reflected_back_in():
 def test_flip_mirrors_the_width():
     images = random_images(batch=1, side=10).float()
     flipped = warp_image(images, flip_matrix(torch.tensor([True])), size=10)
-    torch.testing.assert_close(flipped, torch.flip(warp_image(images, torch.eye(3)[None], size=10), dims=[-1]), rtol=0, atol=1e-3)
-    torch.testing.assert_close(warp_image(images, flip_matrix(torch.tensor([False])), size=10), images, rtol=0, atol=1e-3)  # 0-255 scale
+    torch.testing.assert_close(
+        flipped, torch.flip(warp_image(images, torch.eye(3)[None], size=10), dims=[-1]), rtol=0, atol=1e-3
+    )
+    torch.testing.assert_close(
+        warp_image(images, flip_matrix(torch.tensor([False])), size=10), images, rtol=0, atol=1e-3
+    )  # 0-255 scale
 
 
 def test_train_batch_flips_about_half_the_images():
@@ -121,10 +130,14 @@ def test_centred_half_crop_magnifies_the_centre():
 
 
 def test_crop_position_reaches_the_edges_and_stays_inside():
-    left_top = warp_image(ramp_image(9), crop_matrix(torch.tensor([0.5]), torch.tensor([0.0]), torch.tensor([0.0])), size=9)
+    left_top = warp_image(
+        ramp_image(9), crop_matrix(torch.tensor([0.5]), torch.tensor([0.0]), torch.tensor([0.0])), size=9
+    )
     torch.testing.assert_close(left_top[0, 0, 0], torch.arange(9) / 2, rtol=0, atol=1e-4)
     torch.testing.assert_close(left_top[0, 1, :, 0], torch.arange(9) / 2, rtol=0, atol=1e-4)
-    right = warp_image(ramp_image(9), crop_matrix(torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([0.5])), size=9)
+    right = warp_image(
+        ramp_image(9), crop_matrix(torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([0.5])), size=9
+    )
     torch.testing.assert_close(right[0, 0, 0], 4 + torch.arange(9) / 2, rtol=0, atol=1e-4)
 
 
@@ -143,7 +156,9 @@ def test_warp_sends_the_target_points_to_the_corners():
     expected = [[-1 - y, -1 - x], [-1 + y, 1 + x], [1 + y, -1 + x], [1 - y, 1 - x]]
     torch.testing.assert_close(targets[0], torch.tensor(expected, dtype=torch.float64))
     matrix = perspective_matrix(warp_coeffs(warp_x, warp_y))
-    torch.testing.assert_close(transform_points(targets, matrix), torch.tensor(CORNERS, dtype=torch.float64).expand(2, 4, 2))
+    torch.testing.assert_close(
+        transform_points(targets, matrix), torch.tensor(CORNERS, dtype=torch.float64).expand(2, 4, 2)
+    )
     torch.testing.assert_close(matrix[1], torch.eye(3, dtype=torch.float64))  # zero magnitude: identity
     assert not torch.allclose(matrix[0], torch.eye(3, dtype=torch.float64))
 
@@ -164,7 +179,17 @@ def one_draw(**values: float) -> object:
 
 def test_output_points_go_through_crop_zoom_rotate_flip_warp_in_that_order():
     draw = dataclasses.replace(
-        one_draw(crop_side=0.8, crop_col=0.9, crop_row=0.2, zoom=1.1, zoom_col=0.3, zoom_row=0.7, degrees=20.0, warp_x=0.1, warp_y=-0.15),
+        one_draw(
+            crop_side=0.8,
+            crop_col=0.9,
+            crop_row=0.2,
+            zoom=1.1,
+            zoom_col=0.3,
+            zoom_row=0.7,
+            degrees=20.0,
+            warp_x=0.1,
+            warp_y=-0.15,
+        ),
         flip=torch.tensor([True]),
     )
     points = torch.tensor([[[0.3, -0.6], [-1.0, 1.0], [0.0, 0.0]]], dtype=torch.float64)
@@ -282,4 +307,6 @@ def test_cuda_matches_cpu_for_the_same_seed():
     cpu = train_batch(images, size=24, params=fastai_augment(), generator=generator(5))
     cuda = train_batch(images.cuda(), size=24, params=fastai_augment(), generator=generator(5))
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=1e-3)
-    torch.testing.assert_close(valid_batch(images.cuda(), size=24).cpu(), valid_batch(images, size=24), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        valid_batch(images.cuda(), size=24).cpu(), valid_batch(images, size=24), rtol=0, atol=1e-4
+    )

@@ -7,8 +7,8 @@ import torch
 from petpipe.augment import fastai_augment, valid_batch
 from petpipe.data import CENTRE, CropSampler, make_loader, make_loaders, resolve_workers
 from petpipe.device import make_runtime
-from petpipe.normalization import IMAGENET
 from petpipe.errors import PetpipeError
+from petpipe.normalization import IMAGENET
 from petpipe.presize import PresizedStore
 
 CPU = make_runtime("cpu", "fp32")
@@ -18,9 +18,20 @@ def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
-def train_loader(store_dir, *, num_workers=0, augment=fastai_augment(), seed=0):
-    return make_loader(PresizedStore(store_dir), "train", CPU, size=16, batch_size=8, num_workers=num_workers, augment=augment,
-                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
+FASTAI_AUGMENT = fastai_augment()
+
+
+def train_loader(store_dir, *, num_workers=0, augment=FASTAI_AUGMENT, seed=0):
+    return make_loader(
+        PresizedStore(store_dir),
+        "train",
+        CPU,
+        size=16,
+        batch_size=8,
+        num_workers=num_workers,
+        augment=augment,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def test_validation_batches_are_the_centre_squares_in_store_order(presized_store):
@@ -28,7 +39,9 @@ def test_validation_batches_are_the_centre_squares_in_store_order(presized_store
     loader = make_loader(store, "valid", CPU, size=16, batch_size=5, num_workers=0)
     images, targets = next(iter(loader))
     first = store.indices("valid")[:5]
-    squares = torch.stack([torch.from_numpy(store.square(int(i), CENTRE).copy()).permute(2, 0, 1) for i in first])  # NCHW
+    squares = torch.stack(
+        [torch.from_numpy(store.square(int(i), CENTRE).copy()).permute(2, 0, 1) for i in first]
+    )  # NCHW
     torch.testing.assert_close(images, valid_batch(squares, size=16))
     assert targets.tolist() == store.labels[first].tolist()
     assert sum(len(y) for _, y in loader) == len(store.indices("valid"))  # nothing dropped in validation
@@ -41,7 +54,9 @@ def test_training_batches_are_augmented_shuffled_and_drop_the_last_partial_batch
     assert not torch.equal(epoch1[0][0], epoch2[0][0])  # new order, crops and augmentation every epoch
     centre = make_loader(PresizedStore(presized_store), "train", CPU, size=16, batch_size=8, num_workers=0)
     plain = torch.cat([x for x, _ in centre])
-    assert not any(torch.allclose(x[0], p) for x, _ in epoch1 for p in plain)  # no training image is the plain centre crop
+    assert not any(
+        torch.allclose(x[0], p) for x, _ in epoch1 for p in plain
+    )  # no training image is the plain centre crop
 
 
 def test_same_seed_same_batches_whatever_the_number_of_workers(presized_store):
@@ -69,10 +84,23 @@ def test_crop_positions_are_random_on_train_and_centred_on_valid():
 
 def test_loader_yields_what_the_dataset_holds(presized_store):
     store = PresizedStore(presized_store)
-    train, valid = make_loaders(presized_store, CPU, size=16, batch_size=8, num_workers=0, augment=None, generator=torch.Generator().manual_seed(0), normalization=IMAGENET)
+    train, valid = make_loaders(
+        presized_store,
+        CPU,
+        size=16,
+        batch_size=8,
+        num_workers=0,
+        augment=None,
+        generator=torch.Generator().manual_seed(0),
+        normalization=IMAGENET,
+    )
     assert len(train.dataset) == len(store.indices("train")) == 36 and len(valid.dataset) == 12
     item, label = train.dataset[(0, 0.0)]
-    assert item.dtype == torch.uint8 and item.shape == (24, 24, 3) and label == int(store.labels[store.indices("train")[0]])
+    assert (
+        item.dtype == torch.uint8
+        and item.shape == (24, 24, 3)
+        and label == int(store.labels[store.indices("train")[0]])
+    )
     assert np.array_equal(item.numpy(), store.square(int(store.indices("train")[0]), 0.0))
     images, labels = train.dataset.__getitems__([(0, 0.0), (1, 1.0)])  # a whole batch in one tensor
     assert images.shape == (2, 24, 24, 3) and torch.equal(images[0], item) and labels[0] == label
@@ -97,12 +125,22 @@ def unstaged(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(loader.transform(x.to(loader.runtime.device)), y.to(loader.runtime.device)) for x, y in loader.loader]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
 def test_staging_one_batch_ahead_changes_nothing(presized_store, device):
-    """Batch i+1 is staged (on CUDA: on a side stream) before batch i is handed out: same batches, same order, every epoch."""
+    """Batch i+1 is staged (on CUDA: on a side stream) before batch i is handed out: same batches, same order, every
+    epoch."""
     runtime = make_runtime(device, "fp32")
-    made = lambda: make_loader(PresizedStore(presized_store), "train", runtime, size=16, batch_size=8, num_workers=0,  # noqa: E731
-                               augment=fastai_augment(), generator=torch.Generator().manual_seed(3))  # fmt: skip
+
+    def made():
+        store = PresizedStore(presized_store)
+        generator = torch.Generator().manual_seed(3)
+        return make_loader(
+            store, "train", runtime, size=16, batch_size=8, num_workers=0, augment=fastai_augment(), generator=generator
+        )
+
     staged, reference = made(), made()
     if device == "cuda":  # slow the side stream down: a batch handed out before its event would be read half-made
         transform = staged.transform

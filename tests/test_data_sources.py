@@ -53,7 +53,9 @@ def pets_like_archive() -> bytes:
     files["images/Bengal_2.jpg"] = image_bytes(bengal, format="PNG")  # PNG content, .jpg name
     files["images/Bengal_3.jpg"] = image_bytes(bengal.convert("RGBA"), format="PNG")  # RGBA
     files["images/Bengal_7.jpg"] = image_bytes(bengal.convert("P"), format="GIF")  # palette GIF, .jpg name
-    files["images/great_pyrenees_2.jpg"] = image_bytes(make_image(BREEDS["great_pyrenees"], 52, size=20).convert("L"), format="JPEG")
+    files["images/great_pyrenees_2.jpg"] = image_bytes(
+        make_image(BREEDS["great_pyrenees"], 52, size=20).convert("L"), format="JPEG"
+    )
     whole = files["images/great_pyrenees_1.jpg"]
     files["images/great_pyrenees_3.jpg"] = whole[: len(whole) // 2]  # truncated, like beagle_116.jpg
     files["images/Abyssinian_100.mat"] = b"MATLAB 5.0 MAT-file"  # not an image: ignored
@@ -70,7 +72,9 @@ def pets_like_archive() -> bytes:
 
 
 def run_stage(name, params_file, **paths) -> int:
-    return load_stage(name).main(["--params", params_file] + [a for k, v in paths.items() for a in (f"--{k.replace('_', '-')}", str(v))])
+    return load_stage(name).main(
+        ["--params", params_file] + [a for k, v in paths.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    )
 
 
 def test_pets_like_archive_over_flaky_http_to_a_presized_store(params, tmp_path, capsys):
@@ -85,7 +89,9 @@ def test_pets_like_archive_over_flaky_http_to_a_presized_store(params, tmp_path,
         assert server.requests("/oxford-iiit-pet.tgz") == [None, None, "bytes=5000-"]
         err = capsys.readouterr().err
         assert "warning: data.sha256 and data.md5 are null" in err and "HTTP 503" in err
-        assert (dataset / "images" / "Abyssinian_100.mat").is_file() and (dataset / "annotations" / "test.txt").is_file()
+        assert (dataset / "images" / "Abyssinian_100.mat").is_file() and (
+            dataset / "annotations" / "test.txt"
+        ).is_file()
         assert run_stage("fetch", p, dataset=dataset) == 0  # a forced re-run: from the cache, no request
         assert len(server.requests("/oxford-iiit-pet.tgz")) == 3
     finally:
@@ -93,22 +99,44 @@ def test_pets_like_archive_over_flaky_http_to_a_presized_store(params, tmp_path,
 
     labels = tmp_path / "data" / "labels"
     assert run_stage("labels", p, dataset=dataset, out_dir=labels, metrics=tmp_path / "labels.json") == 0
-    assert json.loads((tmp_path / "labels.json").read_text()) == {"n_train": 12, "n_valid": 4, "n_classes": 2, "n_skipped": 0}
+    assert json.loads((tmp_path / "labels.json").read_text()) == {
+        "n_train": 12,
+        "n_valid": 4,
+        "n_classes": 2,
+        "n_skipped": 0,
+    }
     assert json.loads((labels / "classes.json").read_text()) == ["Bengal", "great_pyrenees"]
     table = (labels / "table.csv").read_text().splitlines()
     assert "images/Bengal_7.jpg,Bengal,valid" in table and "images/great_pyrenees_1.jpg,great_pyrenees,train" in table
 
     store = tmp_path / "data" / "presized"
-    assert run_stage("presize", p, dataset=dataset, table_csv=labels / "table.csv", classes_json=labels / "classes.json", out_dir=store, metrics=tmp_path / "presize.json") == 0
+    assert (
+        run_stage(
+            "presize",
+            p,
+            dataset=dataset,
+            table_csv=labels / "table.csv",
+            classes_json=labels / "classes.json",
+            out_dir=store,
+            metrics=tmp_path / "presize.json",
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "presize.json").read_text())["n_skipped"] == 1
     skipped = (store / "skipped.csv").read_text().splitlines()
-    assert skipped[0] == "path,reason" and len(skipped) == 2 and skipped[1].startswith("images/great_pyrenees_3.jpg,truncated")
+    assert (
+        skipped[0] == "path,reason"
+        and len(skipped) == 2
+        and skipped[1].startswith("images/great_pyrenees_3.jpg,truncated")
+    )
 
     from petpipe.presize import PresizedStore
 
     presized = PresizedStore(store)
     assert presized.classes == ["Bengal", "great_pyrenees"] and len(presized.paths) == 15
-    assert {"images/Bengal_2.jpg", "images/Bengal_3.jpg", "images/Bengal_7.jpg", "images/great_pyrenees_2.jpg"} <= set(presized.paths)
+    assert {"images/Bengal_2.jpg", "images/Bengal_3.jpg", "images/Bengal_7.jpg", "images/great_pyrenees_2.jpg"} <= set(
+        presized.paths
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,7 +152,12 @@ def test_bad_data_params_stop_fetch_and_labels_before_any_work(params, tmp_path,
     (params[section] if section else params)[key] = value
     p = write_params(tmp_path / "bad.yaml", params)
     assert run_stage("fetch", p, dataset=tmp_path / "nothing") == 2
-    assert run_stage("labels", p, dataset=tmp_path / "nothing", out_dir=tmp_path / "nothing", metrics=tmp_path / "nothing.json") == 2
+    assert (
+        run_stage(
+            "labels", p, dataset=tmp_path / "nothing", out_dir=tmp_path / "nothing", metrics=tmp_path / "nothing.json"
+        )
+        == 2
+    )
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"error: {lines[0].removeprefix('error: ')}"] * 2 and message in lines[0]
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "cache").exists()

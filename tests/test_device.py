@@ -5,9 +5,7 @@ from petpipe.device import loader_seed, make_runtime, pick_device, pick_precisio
 from petpipe.errors import PetpipeError
 
 
-@pytest.mark.parametrize(
-    "cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]
-)
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
 def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
     # Only the availability probes are replaced: pick_device builds a torch.device, never uses it.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)

@@ -34,9 +34,16 @@ def inputs(tmp_path, mlflow_store):
     """33 images of 16 px in three classes, their labels table, and params for a 64 px store (about 400 KB)."""
     dataset = write_folder_dataset(tmp_path / "ds")
     table = make_table(
-        dataset, rule="folder", images_dir=".", pattern=None, match_on="name", csv_name=None, valid_pct=0.2, seed=0,
+        dataset,
+        rule="folder",
+        images_dir=".",
+        pattern=None,
+        match_on="name",
+        csv_name=None,
+        valid_pct=0.2,
+        seed=0,
         split="folder",
-    )  # fmt: skip
+    )
     write_table(table, tmp_path / "labels")
     params = yaml.safe_load((ROOT / "profiles/digits.yaml").read_text())
     params["presize"]["size"] = 64
@@ -71,9 +78,21 @@ def run_on_disk(
 
 
 def presize_args(inputs, out, tmp_path) -> list[str]:
-    return [str(ROOT / "stages/presize.py"), "--params", inputs["params"], "--dataset", str(inputs["dataset"]),
-            "--table-csv", str(tmp_path / "labels/table.csv"), "--classes-json", str(tmp_path / "labels/classes.json"),
-            "--out-dir", str(out), "--metrics", str(tmp_path / "presize.json")]  # fmt: skip
+    return [
+        str(ROOT / "stages/presize.py"),
+        "--params",
+        inputs["params"],
+        "--dataset",
+        str(inputs["dataset"]),
+        "--table-csv",
+        str(tmp_path / "labels/table.csv"),
+        "--classes-json",
+        str(tmp_path / "labels/classes.json"),
+        "--out-dir",
+        str(out),
+        "--metrics",
+        str(tmp_path / "presize.json"),
+    ]
 
 
 def test_presize_stops_before_any_work_when_the_store_cannot_fit(disk, inputs, tmp_path):
@@ -97,7 +116,16 @@ def test_a_disk_that_fills_mid_write_ends_presize_in_one_line_naming_the_file(di
 
 def test_a_full_disk_ends_labels_in_one_line_naming_the_file(disk, inputs, tmp_path):
     out = tmp_path / "disk/labels"
-    args = [str(ROOT / "stages/labels.py"), "--params", inputs["params"], "--dataset", str(inputs["dataset"]),
-            "--out-dir", str(out), "--metrics", str(tmp_path / "labels.json")]  # fmt: skip
+    args = [
+        str(ROOT / "stages/labels.py"),
+        "--params",
+        inputs["params"],
+        "--dataset",
+        str(inputs["dataset"]),
+        "--out-dir",
+        str(out),
+        "--metrics",
+        str(tmp_path / "labels.json"),
+    ]
     code, line, left = run_on_disk(disk, out.parent, args, mlflow=inputs["mlflow"], full=True)
     assert (code, line, left) == (2, f"error: {out}/table.csv: {FULL}", [])

@@ -14,7 +14,9 @@ from petpipe.torchrun import torchrun_command
 pytestmark = pytest.mark.slow
 
 
-def train(tmp_path, presized_store, nproc: int, arch: str = "resnet18", epochs: int = 3, size: int = 16) -> tuple[dict, list[str]]:
+def train(
+    tmp_path, presized_store, nproc: int, arch: str = "resnet18", epochs: int = 3, size: int = 16
+) -> tuple[dict, list[str]]:
     raw = yaml.safe_load((ROOT / "profiles/digits.yaml").read_text())
     raw["device"] = "cpu"
     raw["presize"]["size"] = 24
@@ -24,8 +26,18 @@ def train(tmp_path, presized_store, nproc: int, arch: str = "resnet18", epochs: 
     out = tmp_path / f"nproc{nproc}-{arch.replace('/', '-')}"
     out.mkdir()
     (out / "params.yaml").write_text(yaml.safe_dump(raw))
-    argv = ["--params", str(out / "params.yaml"), "--presized", str(presized_store), "--checkpoint", str(out / "stage1.pt"),
-            "--metrics", str(out / "metrics.json"), "--plot", str(out / "curve.csv")]  # fmt: skip
+    argv = [
+        "--params",
+        str(out / "params.yaml"),
+        "--presized",
+        str(presized_store),
+        "--checkpoint",
+        str(out / "stage1.pt"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--plot",
+        str(out / "curve.csv"),
+    ]
     assert load_stage("train_frozen").main(argv) == 0
     return json.loads((out / "metrics.json").read_text()), (out / "curve.csv").read_text().splitlines()
 
@@ -48,13 +60,19 @@ def test_two_gloo_processes_train_like_one(tmp_path, presized_store, mlflow_stor
     assert not (tmp_path / ".dvc/tmp/resume").exists() or not any((tmp_path / ".dvc/tmp/resume").iterdir())
 
 
-def test_a_timm_body_with_parameters_forward_features_skips_trains_under_ddp(tmp_path, presized_store, mlflow_store, monkeypatch):
+def test_a_timm_body_with_parameters_forward_features_skips_trains_under_ddp(
+    tmp_path, presized_store, mlflow_store, monkeypatch
+):
     """convnext keeps head.norm, which forward_features never uses: DDP must be told to look for unused
     parameters, or the second step fails ("Expected to have finished reduction in the prior iteration")."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     monkeypatch.chdir(tmp_path)
-    store = write_presized(write_folder_dataset(tmp_path / "ds", per_class=8, valid_per_class=2), tmp_path / "store", size=32)
-    metrics, curve = train(tmp_path, store, 2, arch="timm/convnext_atto", epochs=1, size=32)  # convnext needs 32 px: it downsamples 32x
+    store = write_presized(
+        write_folder_dataset(tmp_path / "ds", per_class=8, valid_per_class=2), tmp_path / "store", size=32
+    )
+    metrics, curve = train(
+        tmp_path, store, 2, arch="timm/convnext_atto", epochs=1, size=32
+    )  # convnext needs 32 px: it downsamples 32x
     assert len(curve) == 2 and metrics["train_loss"] > 0
 
 

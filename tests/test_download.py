@@ -75,7 +75,10 @@ def test_part_file_is_promoted_only_when_its_size_is_the_servers(tmp_path, serve
 def test_gives_up_after_the_tries_naming_url_status_and_count(tmp_path, server):
     server.files["/x.tgz"] = b"x"
     server.plan("/x.tgz", *[("status", 502)] * 5)
-    with pytest.raises(DownloadError, match=rf"data.url: giving up on {server.url('/x.tgz')} after 3 tries; the last one: .*HTTP 502 Bad Gateway"):
+    with pytest.raises(
+        DownloadError,
+        match=rf"data.url: giving up on {server.url('/x.tgz')} after 3 tries; the last one: .*HTTP 502 Bad Gateway",
+    ):
         download(server.url("/x.tgz"), tmp_path / "x.tgz", network=FAST)
 
 
@@ -102,7 +105,11 @@ def test_stalled_server_hits_the_read_timeout_and_the_retry_resumes(tmp_path, se
     server.files["/slow.bin"] = payload
     server.plan("/slow.bin", ("stall", 10_000, 3))
     started = time.monotonic()
-    download(server.url("/slow.bin"), tmp_path / "slow.bin", network=Network(tries=2, connect_timeout=5, read_timeout=0.3, backoff=0.01))
+    download(
+        server.url("/slow.bin"),
+        tmp_path / "slow.bin",
+        network=Network(tries=2, connect_timeout=5, read_timeout=0.3, backoff=0.01),
+    )
     assert (tmp_path / "slow.bin").read_bytes() == payload and time.monotonic() - started < 2.5
     assert server.requests("/slow.bin") == [None, "bytes=10000-"]
 

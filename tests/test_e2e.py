@@ -26,10 +26,14 @@ TRACKED = [s for s in STAGES if s not in UNTRACKED]
 
 def tiny_params(repo: Path, archive: Path) -> dict:
     params = yaml.safe_load((ROOT / "profiles" / "digits.yaml").read_text())
-    params["data"].update(url=archive.relative_to(repo).as_posix(), sha256=hashlib.sha256(archive.read_bytes()).hexdigest(), size=None)
+    params["data"].update(
+        url=archive.relative_to(repo).as_posix(), sha256=hashlib.sha256(archive.read_bytes()).hexdigest(), size=None
+    )
     params["presize"]["size"] = 24
     # A timm backbone with random weights (no network here), through every stage, the logged models and the report.
-    params["train"].update(arch="timm/resnet10t", size=16, batch_size=12, num_workers=1)  # one worker process: the multi-process loader path
+    params["train"].update(
+        arch="timm/resnet10t", size=16, batch_size=12, num_workers=1
+    )  # one worker process: the multi-process loader path
     params["train_frozen"]["epochs"] = 1
     params["lr_find"].update(start_lr=1e-5, end_lr=10.0, num_it=30)
     params["finetune"].update(epochs=1, max_lr="auto")
@@ -50,7 +54,9 @@ def ran_stages(result: subprocess.CompletedProcess) -> list[str]:
 def runs_by_stage(repo: Path) -> dict[str, int]:
     """Stage runs (tagged petpipe.stage) per stage; parent runs of whole executions are not counted."""
     with sqlite3.connect(repo / "mlflow.db") as db:
-        rows = db.execute("SELECT t.value, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'petpipe.stage'").fetchall()
+        rows = db.execute(
+            "SELECT t.value, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'petpipe.stage'"
+        ).fetchall()
     assert all(status == "FINISHED" for _, status in rows), rows
     out = dict.fromkeys(TRACKED, 0)
     for name, _ in rows:
@@ -66,7 +72,9 @@ def new_runs(repo: Path, before: dict[str, int]) -> dict[str, int]:
 def repo(tmp_path_factory, mlflow_template) -> Path:
     tmp = tmp_path_factory.mktemp("e2e")
     repo = copy_project(tmp / "repo")
-    archive = make_tarball(write_folder_dataset(tmp / "src", per_class=8, valid_per_class=3), repo / "assets" / "tiny.tgz", top="tiny")
+    archive = make_tarball(
+        write_folder_dataset(tmp / "src", per_class=8, valid_per_class=3), repo / "assets" / "tiny.tgz", top="tiny"
+    )
     (repo / "profiles" / "tiny.yaml").write_text(yaml.safe_dump(tiny_params(repo, archive), sort_keys=False))
     assert not (repo / "mlartifacts").exists()
     copy_store(mlflow_template, repo / "mlflow.db")  # an empty, migrated store: creating one costs ~15 s
@@ -75,7 +83,9 @@ def repo(tmp_path_factory, mlflow_template) -> Path:
     run(["git", "commit", "-qm", "tiny pipeline"], repo)
     # The documented entry point, with this test run's environment as its venv.
     # -o: never (re)install into the test run's own environment from this temporary copy.
-    result = run(["make", "-o", f"{Path(sys.prefix)}/bin/.installed", "repro", "PROFILE=tiny", f"VENV={Path(sys.prefix)}"], repo)
+    result = run(
+        ["make", "-o", f"{Path(sys.prefix)}/bin/.installed", "repro", "PROFILE=tiny", f"VENV={Path(sys.prefix)}"], repo
+    )
     assert ran_stages(result) == STAGES
     assert (repo / "params.yaml").read_text() == (repo / "profiles/tiny.yaml").read_text()
     run(["git", "add", "-A"], repo)
@@ -84,13 +94,29 @@ def repo(tmp_path_factory, mlflow_template) -> Path:
 
 
 def test_every_stage_writes_its_outputs(repo):
-    for path in ["data/dataset/train/red/0.png", "data/labels/table.csv", "data/labels/classes.json", "data/labels/skipped.csv",
-                 "reports/summary.md", "reports/predictions.csv",
-                 "data/presized/pixels.u8", "data/presized/index.npy", "data/presized/store.json", "data/presized/skipped.csv",
-                 "models/stage1.pt", "models/final.pt", "reports/lr_find.png", "reports/report.html",
-                 "reports/interpretation/confusion.png", "reports/interpretation/top_losses.png",
-                 "reports/interpretation/per_class.csv", "reports/interpretation/most_confused.csv",
-                 "plots/train_frozen.csv", "plots/finetune.csv", "plots/lr_find.csv"]:  # fmt: skip
+    for path in [
+        "data/dataset/train/red/0.png",
+        "data/labels/table.csv",
+        "data/labels/classes.json",
+        "data/labels/skipped.csv",
+        "reports/summary.md",
+        "reports/predictions.csv",
+        "data/presized/pixels.u8",
+        "data/presized/index.npy",
+        "data/presized/store.json",
+        "data/presized/skipped.csv",
+        "models/stage1.pt",
+        "models/final.pt",
+        "reports/lr_find.png",
+        "reports/report.html",
+        "reports/interpretation/confusion.png",
+        "reports/interpretation/top_losses.png",
+        "reports/interpretation/per_class.csv",
+        "reports/interpretation/most_confused.csv",
+        "plots/train_frozen.csv",
+        "plots/finetune.csv",
+        "plots/lr_find.csv",
+    ]:
         assert (repo / path).is_file(), path
     assert json.loads((repo / "data/labels/classes.json").read_text()) == ["blue", "green", "red"]
     labels = json.loads((repo / "metrics/labels.json").read_text())
@@ -99,20 +125,31 @@ def test_every_stage_writes_its_outputs(repo):
     assert presize == {"n_images": 33, "n_skipped": 0, "bytes": 33 * 24 * 24 * 3}
     for stage in ("train_frozen", "finetune"):
         metrics = json.loads((repo / f"metrics/{stage}.json").read_text())
-        assert {"train_loss", "valid_loss", "accuracy", "error_rate", "epoch_seconds", "train_images_per_s"} <= set(metrics)
+        assert {"train_loss", "valid_loss", "accuracy", "error_rate", "epoch_seconds", "train_images_per_s"} <= set(
+            metrics
+        )
         assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["train_images_per_s"] > 0
         header = (repo / f"plots/{stage}.csv").read_text().splitlines()[0]
         assert header == "epoch,train_loss,valid_loss,accuracy,error_rate,epoch_seconds,train_images_per_s"
     lr = json.loads((repo / "metrics/lr_find.json").read_text())
     finetune = json.loads((repo / "metrics/finetune.json").read_text())
-    assert finetune["max_lr_hi"] == pytest.approx(lr["valley"]) and finetune["max_lr_lo"] == pytest.approx(lr["valley"] / 100)
+    assert finetune["max_lr_hi"] == pytest.approx(lr["valley"]) and finetune["max_lr_lo"] == pytest.approx(
+        lr["valley"] / 100
+    )
     report = json.loads((repo / "metrics/report.json").read_text())
     assert report["accuracy"] == pytest.approx(finetune["accuracy"], abs=1e-6)  # same model, same validation set
 
 
 def test_report_is_self_contained(repo):
     page = (repo / "reports/report.html").read_text()
-    for heading in ("Confusion matrix", "Most confused", "Top 4 losses", "Per-class metrics", "Learning-rate finder", "Training curves"):
+    for heading in (
+        "Confusion matrix",
+        "Most confused",
+        "Top 4 losses",
+        "Per-class metrics",
+        "Learning-rate finder",
+        "Training curves",
+    ):
         assert heading in page
     assert page.count("data:image/png;base64,") == 7  # batch, class counts, curves, lr_find, confusion x2, top losses
     assert "http://" not in page and "https://" not in page and 'src="reports' not in page
@@ -121,15 +158,31 @@ def test_report_is_self_contained(repo):
 def test_one_mlflow_run_per_tracked_stage_in_the_repo_sqlite_store(repo):
     with sqlite3.connect(repo / "mlflow.db") as db:
         names = sorted(n for (n,) in db.execute("SELECT t.value FROM tags t WHERE t.key = 'petpipe.stage'"))
-        params = dict(db.execute("SELECT p.key, p.value FROM params p JOIN runs r ON p.run_uuid = r.run_uuid WHERE r.name = 'train_frozen'"))
-        steps = db.execute("SELECT m.step FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid WHERE r.name = 'train_frozen' AND m.key = 'valid_loss'").fetchall()
+        params = dict(
+            db.execute(
+                "SELECT p.key, p.value FROM params p JOIN runs r ON p.run_uuid = r.run_uuid WHERE r.name = "
+                "'train_frozen'"
+            )
+        )
+        steps = db.execute(
+            "SELECT m.step FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid WHERE r.name = 'train_frozen' AND "
+            "m.key = 'valid_loss'"
+        ).fetchall()
     assert names == sorted(TRACKED)  # one run per tracked stage
-    assert params["train.arch"] == "timm/resnet10t" and params["train_frozen.epochs"] == "1" and "finetune.epochs" not in params
+    assert (
+        params["train.arch"] == "timm/resnet10t"
+        and params["train_frozen.epochs"] == "1"
+        and "finetune.epochs" not in params
+    )
     assert params["train.normalize"] == "auto"
-    assert params["train_frozen.normalize"] == str({"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})  # the values auto chose
+    assert params["train_frozen.normalize"] == str(
+        {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    )  # the values auto chose
     assert steps == [(1,)]
     assert any((repo / "mlartifacts").rglob("report.html"))
-    logged = list((repo / "mlartifacts").rglob("MLmodel"))  # the network and the raw-image pyfunc, each needing timm to load
+    logged = list(
+        (repo / "mlartifacts").rglob("MLmodel")
+    )  # the network and the raw-image pyfunc, each needing timm to load
     assert len(logged) == 2 and all("timm==" in (m.parent / "requirements.txt").read_text() for m in logged)
 
 
@@ -168,7 +221,10 @@ def test_forced_rerun_reproduces_the_same_bytes(repo):
     assert locked_outs("presize") == before_presized  # the store is byte-reproducible (its metrics hold no timing)
     run(["dvc", "repro", "-f", "-s", "train_frozen"], repo)
     # Same seed, same data: an identical checkpoint and curves (the throughput columns are measured, so they differ).
-    assert locked_outs("train_frozen")["models/stage1.pt"] == before["models/stage1.pt"] and curves_without_timing() == curves
+    assert (
+        locked_outs("train_frozen")["models/stage1.pt"] == before["models/stage1.pt"]
+        and curves_without_timing() == curves
+    )
     # The report shows the measured timings, so it is out of date now; the model stages downstream are not.
     result = run(["dvc", "repro"], repo)
     assert ran_stages(result) == ["report"]
@@ -227,7 +283,10 @@ def test_experiment_reruns_exactly_the_stages_that_read_the_param(repo):
     names = {exp.get("name") for entry in shown for exp in entry.get("experiments") or []}
     assert "two-epochs" in names
     with sqlite3.connect(repo / "mlflow.db") as db:
-        tags = db.execute("SELECT t.value FROM tags t JOIN runs r ON t.run_uuid = r.run_uuid WHERE r.name = 'finetune' AND t.key = 'dvc.exp_name'").fetchall()
+        tags = db.execute(
+            "SELECT t.value FROM tags t JOIN runs r ON t.run_uuid = r.run_uuid WHERE r.name = 'finetune' AND t.key = "
+            "'dvc.exp_name'"
+        ).fetchall()
     assert tags == [("two-epochs",)]
 
 
@@ -263,12 +322,19 @@ def test_two_queued_experiments_side_by_side_are_two_executions_in_the_repositor
     time; each is one parent run with its own stage runs, all in the repo's store."""
     before = runs_by_stage(repo)
     with sqlite3.connect(repo / "mlflow.db") as db:
-        old_parents = {r for (r,) in db.execute("SELECT run_uuid FROM tags WHERE key = 'petpipe.kind' AND value = 'pipeline'")}
-    for name, epochs in (("queued-a", 3), ("queued-b", 4)):  # values no earlier test ran: DVC's run cache would restore those
+        old_parents = {
+            r for (r,) in db.execute("SELECT run_uuid FROM tags WHERE key = 'petpipe.kind' AND value = 'pipeline'")
+        }
+    for name, epochs in (
+        ("queued-a", 3),
+        ("queued-b", 4),
+    ):  # values no earlier test ran: DVC's run cache would restore those
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"finetune.epochs={epochs}"], repo)
     run(["dvc", "queue", "start", "-j", "2"], repo)
     status = wait_for_the_queue(repo)
-    run(["dvc", "queue", "stop", "--kill"], repo)  # nothing should be left running; after a timeout, nothing may outlive the test
+    run(
+        ["dvc", "queue", "stop", "--kill"], repo
+    )  # nothing should be left running; after a timeout, nothing may outlive the test
     assert status == {"queued-a": "Success", "queued-b": "Success"}, status
     assert new_runs(repo, before) == {"finetune": 2, "report": 2}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
@@ -276,18 +342,28 @@ def test_two_queued_experiments_side_by_side_are_two_executions_in_the_repositor
         parents = {
             run_id: (name, start, end)
             for run_id, name, start, end in db.execute(
-                "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = "
+                "r.run_uuid "
                 "WHERE t.key = 'petpipe.kind' AND t.value = 'pipeline'"
             )
             if run_id not in old_parents
         }
         children = {
-            parent: sorted(n for (n,) in db.execute("SELECT r.name FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                                                   "WHERE t.key = 'mlflow.parentRunId' AND t.value = ?", (parent,)))
+            parent: sorted(
+                n
+                for (n,) in db.execute(
+                    "SELECT r.name FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                    "WHERE t.key = 'mlflow.parentRunId' AND t.value = ?",
+                    (parent,),
+                )
+            )
             for parent in parents
-        }  # fmt: skip
+        }
         uris = [u for (u,) in db.execute("SELECT artifact_uri FROM runs WHERE name = 'finetune'")]
-    assert sorted(name for name, _, _ in parents.values()) == ["queued-a", "queued-b"]  # the parent is named after the experiment
+    assert sorted(name for name, _, _ in parents.values()) == [
+        "queued-a",
+        "queued-b",
+    ]  # the parent is named after the experiment
     assert list(children.values()) == [["finetune", "report"]] * 2
     (_, start_a, end_a), (_, start_b, end_b) = parents.values()
     assert start_a < end_b and start_b < end_a, "the two experiments did not run side by side"
@@ -310,7 +386,9 @@ def test_dataset_travels_through_a_dvc_remote(repo, tmp_path):
 
 
 def test_unknown_profile_is_a_clear_make_error(repo):
-    # -o: never (re)install into the test run's own environment from this temporary copy (its pyproject.toml may be newer).
+    # -o: never (re)install into the test run's own environment from this copy (its pyproject.toml may be newer).
     make = ["make", "-o", f"{Path(sys.prefix)}/bin/.installed", "repro", "PROFILE=nope", f"VENV={Path(sys.prefix)}"]
     result = subprocess.run(make, cwd=repo, env=stage_env(), capture_output=True, text=True)
-    assert result.returncode != 0 and "no profile profiles/nope.yaml; have: digits.yaml" in result.stdout + result.stderr
+    assert (
+        result.returncode != 0 and "no profile profiles/nope.yaml; have: digits.yaml" in result.stdout + result.stderr
+    )

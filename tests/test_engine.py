@@ -7,12 +7,20 @@ import torch
 
 from petpipe.data import make_loaders
 from petpipe.device import Runtime, make_runtime, seed_everything
-from petpipe.normalization import IMAGENET
 from petpipe.engine import (
-    ADAM_BETAS, ADAM_EPS, DivergedError, evaluate, fit_one_cycle, load_checkpoint, load_optimizer_state, make_optimizer, save_checkpoint,
-)  # fmt: skip
+    ADAM_BETAS,
+    ADAM_EPS,
+    DivergedError,
+    evaluate,
+    fit_one_cycle,
+    load_checkpoint,
+    load_optimizer_state,
+    make_optimizer,
+    save_checkpoint,
+)
 from petpipe.errors import PetpipeError
 from petpipe.model import build_model, freeze_body, layer_groups, unfreeze
+from petpipe.normalization import IMAGENET
 from petpipe.signals import stop_on_signals
 
 
@@ -20,13 +28,31 @@ from petpipe.signals import stop_on_signals
 def loaders(presized_store):
     generator = seed_everything(0)
     # No augmentation: these tests are about the loop (tests/test_data.py covers the augmented loader).
-    return make_loaders(presized_store, make_runtime("cpu", "fp32"), size=16, batch_size=8, num_workers=0, augment=None, generator=generator, normalization=IMAGENET)
+    return make_loaders(
+        presized_store,
+        make_runtime("cpu", "fp32"),
+        size=16,
+        batch_size=8,
+        num_workers=0,
+        augment=None,
+        generator=generator,
+        normalization=IMAGENET,
+    )
 
 
 def test_frozen_then_unfrozen_training_learns_colours(presized_store):
     # Batches of 4: enough steps for BatchNorm's running statistics (momentum 0.1) to leave their
     # initial values, which eval mode uses.
-    train, valid = make_loaders(presized_store, make_runtime("cpu", "fp32"), size=16, batch_size=4, num_workers=0, augment=None, generator=seed_everything(0), normalization=IMAGENET)
+    train, valid = make_loaders(
+        presized_store,
+        make_runtime("cpu", "fp32"),
+        size=16,
+        batch_size=4,
+        num_workers=0,
+        augment=None,
+        generator=seed_everything(0),
+        normalization=IMAGENET,
+    )
     runtime = make_runtime("cpu", "fp32")
     seed_everything(0)
     model = build_model("resnet18", 3)
@@ -35,7 +61,17 @@ def test_frozen_then_unfrozen_training_learns_colours(presized_store):
     body_conv = model[0][0].weight.detach().clone()
     seen = []
     bn_before = model[0][1].weight.detach().clone()
-    history = fit_one_cycle(model, train, valid, epochs=3, lr_max=[1e-2] * 3, pct_start=0.25, weight_decay=0.01, runtime=runtime, on_epoch_end=seen.append)
+    history = fit_one_cycle(
+        model,
+        train,
+        valid,
+        epochs=3,
+        lr_max=[1e-2] * 3,
+        pct_start=0.25,
+        weight_decay=0.01,
+        runtime=runtime,
+        on_epoch_end=seen.append,
+    )
     assert torch.equal(model[0][0].weight, body_conv)  # frozen convolution untouched
     assert not torch.equal(model[0][1].weight, bn_before)  # body BatchNorm trains (fastai train_bn)
     assert [row["epoch"] for row in history] == [1, 2, 3] and seen == history
@@ -43,7 +79,9 @@ def test_frozen_then_unfrozen_training_learns_colours(presized_store):
     for row in history:  # the epoch (training pass + validation) outlasts the training pass alone
         assert row["epoch_seconds"] > trained_images / row["train_images_per_s"] > 0
     unfreeze(model)
-    history2 = fit_one_cycle(model, train, valid, epochs=2, lr_max=[1e-5, 1e-4, 1e-3], pct_start=0.25, weight_decay=0.01, runtime=runtime)
+    history2 = fit_one_cycle(
+        model, train, valid, epochs=2, lr_max=[1e-5, 1e-4, 1e-3], pct_start=0.25, weight_decay=0.01, runtime=runtime
+    )
     assert not torch.equal(model[0][0].weight, body_conv)
     assert history2[-1]["accuracy"] >= 0.9 > before["accuracy"]
     assert history2[-1]["error_rate"] == pytest.approx(1 - history2[-1]["accuracy"])
@@ -61,9 +99,13 @@ def test_amp_runs_the_same_loop_on_cpu(loaders, dtype):
     head_before = model[1][-1].weight.detach().clone()
     # fp16: GradScaler starts at 2**16 and skips the steps whose scaled gradients overflow, halving
     # the scale each time, so give it enough steps to get going.
-    history = fit_one_cycle(model, train, valid, epochs=2, lr_max=[1e-3] * 3, pct_start=0.25, weight_decay=0.0, runtime=runtime)
+    history = fit_one_cycle(
+        model, train, valid, epochs=2, lr_max=[1e-3] * 3, pct_start=0.25, weight_decay=0.0, runtime=runtime
+    )
     assert dtype in seen_dtypes  # the forward pass really ran in reduced precision
-    assert all(torch.isfinite(torch.tensor(row["valid_loss"])) for row in history)  # evaluation does not raise on NaN: check it
+    assert all(
+        torch.isfinite(torch.tensor(row["valid_loss"])) for row in history
+    )  # evaluation does not raise on NaN: check it
     assert not torch.equal(model[1][-1].weight, head_before) and model[1][-1].weight.dtype == torch.float32
 
 
@@ -83,9 +125,14 @@ def test_the_fused_optimizer_makes_the_same_updates_as_torchs_one_op_at_a_time_a
     reference = copy.deepcopy(model)
     optimizer = make_optimizer(model, 0.1, layer_groups(model))  # decay large enough to show if it were left out
     assert optimizer.defaults["fused"]  # the CPU runs the fused kernel
-    assert {(g["betas"], g["eps"]) for g in optimizer.param_groups} == {(ADAM_BETAS, ADAM_EPS)}  # fastai's, before the schedule moves beta1
+    assert {(g["betas"], g["eps"]) for g in optimizer.param_groups} == {
+        (ADAM_BETAS, ADAM_EPS)
+    }  # fastai's, before the schedule moves beta1
     twin = dict(zip(map(id, model.parameters()), reference.parameters(), strict=True))
-    groups = [{"params": [twin[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    groups = [
+        {"params": [twin[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+        for g in optimizer.param_groups
+    ]
     slow = torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=False, fused=False)
     images, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
     for lr in (1e-3, 3e-3, 1e-2):  # the one-cycle schedule changes lr and beta1 between steps
@@ -118,7 +165,10 @@ def test_a_state_saved_in_another_layout_and_kernel_resumes_with_this_optimizers
     step(saved_model, saved_optimizer)
     saved = copy.deepcopy(saved_optimizer.state_dict())
     resumed = []
-    for fused in (True, False):  # resumed as on the CPU: contiguous weights; the fused kernel, and the default one as the reference
+    for fused in (
+        True,
+        False,
+    ):  # resumed as on the CPU: contiguous weights; the fused kernel, and the default one as the reference
         model = build_model("resnet18", 3).eval()
         model.load_state_dict({k: v.contiguous() for k, v in saved_model.state_dict().items()})
         optimizer = make_optimizer(model, 0.1, layer_groups(model), fused=fused)
@@ -134,7 +184,16 @@ def test_divergence_is_reported(loaders):
     train, valid = loaders
     model = build_model("resnet18", 3)
     with pytest.raises(DivergedError, match="lower the learning rate"):
-        fit_one_cycle(model, train, valid, epochs=2, lr_max=[1e12] * 3, pct_start=0.0, weight_decay=0.0, runtime=make_runtime("cpu", "fp32"))
+        fit_one_cycle(
+            model,
+            train,
+            valid,
+            epochs=2,
+            lr_max=[1e12] * 3,
+            pct_start=0.0,
+            weight_decay=0.0,
+            runtime=make_runtime("cpu", "fp32"),
+        )
 
 
 class _SignalsItselfWhenCollected:
@@ -153,7 +212,9 @@ def test_a_stop_signal_swallowed_by_a_finaliser_stops_the_next_batch(loaders):
     with stop_on_signals():
         _SignalsItselfWhenCollected()  # no KeyboardInterrupt reaches this frame
         with pytest.raises(KeyboardInterrupt, match="signal 15"):
-            fit_one_cycle(model, train, valid, epochs=1, lr_max=[1e-3] * 3, pct_start=0.25, weight_decay=0.0, runtime=runtime)
+            fit_one_cycle(
+                model, train, valid, epochs=1, lr_max=[1e-3] * 3, pct_start=0.25, weight_decay=0.0, runtime=runtime
+            )
         with pytest.raises(KeyboardInterrupt, match="signal 15"):
             evaluate(model, valid, runtime)
     with stop_on_signals():  # a new stage starts with no stop pending

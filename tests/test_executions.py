@@ -16,7 +16,16 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import BIN, ROOT, copy_store, free_port, make_tarball, start_mlflow_server, stop_mlflow_server, write_folder_dataset
+from conftest import (
+    BIN,
+    ROOT,
+    copy_store,
+    free_port,
+    make_tarball,
+    start_mlflow_server,
+    stop_mlflow_server,
+    write_folder_dataset,
+)
 from mlflow.tracking import MlflowClient
 from test_stage_spec import load_stage
 
@@ -29,12 +38,36 @@ PATHS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][0]["paths"]
 ARGS = {  # the stage commands of dvc.yaml, without report (another module's concern)
     "fetch": {"dataset": "dataset"},
     "labels": {"dataset": "dataset", "out-dir": "labels", "metrics": "labels_metrics"},
-    "presize": {"dataset": "dataset", "table-csv": "labels/table.csv", "classes-json": "labels/classes.json", "out-dir": "presized", "metrics": "presize_metrics"},
-    "train_frozen": {"presized": "presized", "checkpoint": "stage1", "metrics": "train_frozen_metrics", "plot": "train_frozen_curve"},
-    "lr_find": {"presized": "presized", "checkpoint": "stage1", "result": "lr_find_result", "plot": "lr_find_curve", "figure": "lr_find_figure"},
+    "presize": {
+        "dataset": "dataset",
+        "table-csv": "labels/table.csv",
+        "classes-json": "labels/classes.json",
+        "out-dir": "presized",
+        "metrics": "presize_metrics",
+    },
+    "train_frozen": {
+        "presized": "presized",
+        "checkpoint": "stage1",
+        "metrics": "train_frozen_metrics",
+        "plot": "train_frozen_curve",
+    },
+    "lr_find": {
+        "presized": "presized",
+        "checkpoint": "stage1",
+        "result": "lr_find_result",
+        "plot": "lr_find_curve",
+        "figure": "lr_find_figure",
+    },
     "choose_lr": {"lr-find-result": "lr_find_result", "chosen": "chosen_lr"},
-    "finetune": {"presized": "presized", "checkpoint": "stage1", "chosen-lr": "chosen_lr", "final": "final", "metrics": "finetune_metrics", "plot": "finetune_curve"},
-}  # fmt: skip
+    "finetune": {
+        "presized": "presized",
+        "checkpoint": "stage1",
+        "chosen-lr": "chosen_lr",
+        "final": "final",
+        "metrics": "finetune_metrics",
+        "plot": "finetune_curve",
+    },
+}
 TRACKED = ["fetch", "labels", "presize", "train_frozen", "lr_find", "finetune"]
 REGISTERED = "petpipe-tiny"
 
@@ -54,17 +87,26 @@ def write_lock(stages: list[str]) -> None:
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     lock = {"schema": "2.0", "stages": {}}
     for stage in stages:
-        outs = [next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics") for o in pipeline[stage].get(key, [])]
+        outs = [
+            next(iter(o)) if isinstance(o, dict) else o
+            for key in ("outs", "metrics")
+            for o in pipeline[stage].get(key, [])
+        ]
         outs = [o.replace("${paths.", "").rstrip("}") for o in outs]
-        lock["stages"][stage] = {"outs": [{"path": PATHS[o], "md5": dvc_digest(Path(PATHS[o]))} for o in outs if Path(PATHS[o]).exists()]}
+        lock["stages"][stage] = {
+            "outs": [{"path": PATHS[o], "md5": dvc_digest(Path(PATHS[o]))} for o in outs if Path(PATHS[o]).exists()]
+        }
     Path("dvc.lock").write_text(yaml.safe_dump(lock))
 
 
 @pytest.fixture(scope="module")
 def executions(tmp_path_factory, mlflow_server):
-    """Two executions: the whole pipeline, then (as DVC would) only the stages a train_frozen.pct_start change re-runs."""
+    """Two executions: the whole pipeline, then (as DVC would) only the stages a train_frozen.pct_start change
+    re-runs."""
     work = tmp_path_factory.mktemp("executions")
-    archive = make_tarball(write_folder_dataset(work / "src", per_class=8, valid_per_class=3), work / "tiny.tgz", top="tiny")
+    archive = make_tarball(
+        write_folder_dataset(work / "src", per_class=8, valid_per_class=3), work / "tiny.tgz", top="tiny"
+    )
     params = yaml.safe_load((ROOT / "profiles/digits.yaml").read_text())
     params.update(device="cpu")
     params["data"].update(url=archive.as_uri(), sha256=hashlib.sha256(archive.read_bytes()).hexdigest(), size=None)
@@ -95,7 +137,9 @@ def executions(tmp_path_factory, mlflow_server):
         # the logged models must apply that normalisation, not ImageNet's.
         (work / "weights").mkdir()
         torch.save(timm.create_model("resnet10t").state_dict(), work / "weights/resnet10t.pt")
-        params["train"].update(arch="timm/resnet10t", weights="weights/resnet10t.pt", normalize=[[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
+        params["train"].update(
+            arch="timm/resnet10t", weights="weights/resnet10t.pt", normalize=[[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+        )
         second = work / "second.yaml"
         second.write_text(yaml.safe_dump(params))
         patch.setenv("PETPIPE_EXECUTION", "second")
@@ -114,15 +158,26 @@ def runs(ex, filter_string: str):
 def test_one_parent_per_execution_with_its_stages_as_children(executions):
     parents = {r.data.tags["petpipe.execution"]: r for r in runs(executions, "tags.`petpipe.kind` = 'pipeline'")}
     assert set(parents) == {"first", "second"}
-    children = {key: sorted(r.info.run_name for r in runs(executions, f"tags.`mlflow.parentRunId` = '{p.info.run_id}'")) for key, p in parents.items()}
+    children = {
+        key: sorted(r.info.run_name for r in runs(executions, f"tags.`mlflow.parentRunId` = '{p.info.run_id}'"))
+        for key, p in parents.items()
+    }
     assert children == {"first": sorted(TRACKED), "second": ["finetune", "lr_find", "train_frozen"]}
     first, second = parents["first"].data, parents["second"].data
     assert first.params["train_frozen.pct_start"] == "0.25" and second.params["train_frozen.pct_start"] == "0.5"
-    assert {"seed", "data.url", "labels.rule", "presize.size", "finetune.epochs", "report.top_losses"} <= set(first.params)
+    assert {"seed", "data.url", "labels.rule", "presize.size", "finetune.epochs", "report.top_losses"} <= set(
+        first.params
+    )
     assert {"accuracy", "error_rate", "valid_loss", "train_frozen_seconds", "finetune_seconds"} <= set(second.metrics)
     # A stage this execution skipped is linked to the run that produced its current outputs.
-    first_runs = {r.info.run_name: r.info.run_id for r in runs(executions, f"tags.`mlflow.parentRunId` = '{parents['first'].info.run_id}'")}
-    assert second.tags["petpipe.run.fetch"] == first_runs["fetch"] and second.tags["petpipe.run.presize"] == first_runs["presize"]
+    first_runs = {
+        r.info.run_name: r.info.run_id
+        for r in runs(executions, f"tags.`mlflow.parentRunId` = '{parents['first'].info.run_id}'")
+    }
+    assert (
+        second.tags["petpipe.run.fetch"] == first_runs["fetch"]
+        and second.tags["petpipe.run.presize"] == first_runs["presize"]
+    )
     assert second.tags["petpipe.run.finetune"] != first_runs["finetune"]
 
 
@@ -130,10 +185,17 @@ def test_stage_runs_carry_lineage_params_inputs_and_metric_histories(executions)
     client = executions["client"]
     finetune = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'finetune'")[0]
     params = finetune.data.params
-    assert params["labels.rule"] == "folder" and params["train_frozen.pct_start"] == "0.5" and params["finetune.epochs"] == "1" and "data.url" in params
+    assert (
+        params["labels.rule"] == "folder"
+        and params["train_frozen.pct_start"] == "0.5"
+        and params["finetune.epochs"] == "1"
+        and "data.url" in params
+    )
     assert "report.top_losses" not in params  # downstream of finetune
     tags = finetune.data.tags
-    assert tags["petpipe.input.data/presized"].endswith(".dir") and tags["petpipe.output.models/final.pt"] == dvc_digest(executions["work"] / "models/final.pt")
+    assert tags["petpipe.input.data/presized"].endswith(".dir") and tags[
+        "petpipe.output.models/final.pt"
+    ] == dvc_digest(executions["work"] / "models/final.pt")
     train_frozen = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'train_frozen'")[0]
     assert tags["petpipe.upstream.models/stage1.pt"] == train_frozen.info.run_id
     assert "version.torch" in tags and [d.dataset.name for d in finetune.inputs.dataset_inputs] == ["presized"]
@@ -141,9 +203,13 @@ def test_stage_runs_carry_lineage_params_inputs_and_metric_histories(executions)
     lr_find = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'lr_find'")[0]
     assert any(k.startswith("system/") for run in (train_frozen, lr_find, finetune) for k in run.data.metrics)
     assert len(client.get_metric_history(lr_find.info.run_id, "lr_find_loss")) == lr_find.data.metrics["iterations"]
-    for run in runs(executions, "tags.`petpipe.stage` != ''"):  # raw checkpoints stay in DVC: no .pt among the run's artifacts
+    for run in runs(
+        executions, "tags.`petpipe.stage` != ''"
+    ):  # raw checkpoints stay in DVC: no .pt among the run's artifacts
         top = client.list_artifacts(run.info.run_id)
-        paths = [a.path for a in top] + [b.path for a in top if a.is_dir for b in client.list_artifacts(run.info.run_id, a.path)]
+        paths = [a.path for a in top] + [
+            b.path for a in top if a.is_dir for b in client.list_artifacts(run.info.run_id, a.path)
+        ]
         assert not [p for p in paths if p.endswith(".pt")], paths
 
 
@@ -153,11 +219,14 @@ path, network_uri, out = sys.argv[1:4]
 classifier = mlflow.pyfunc.load_model("models:/{name}@candidate")
 answer = classifier.predict(pd.DataFrame({{"image": [path, open(path, "rb").read()]}}))
 example = mlflow.artifacts.download_artifacts("models:/{name}@candidate") + "/serving_input_example.json"
-mlflow.models.predict("models:/{name}@candidate", input_path=example, content_type="json", output_path=out, env_manager="local")
+mlflow.models.predict("models:/{name}@candidate", input_path=example, content_type="json", output_path=out,
+env_manager="local")
 network = mlflow.pytorch.load_model(network_uri)
-x = np.array(json.load(open(mlflow.artifacts.download_artifacts(network_uri) + "/input_example.json")), dtype=np.float32)
+x = np.array(json.load(open(mlflow.artifacts.download_artifacts(network_uri) + "/input_example.json")),
+dtype=np.float32)
 import torch
-print(json.dumps({{"rows": answer.to_dict(orient="records"), "logits": network(torch.from_numpy(x)).tolist(), "x": x.tolist()}}))
+print(json.dumps({{"rows": answer.to_dict(orient="records"), "logits": network(torch.from_numpy(x)).tolist(), "x":
+x.tolist()}}))
 """
 
 
@@ -185,11 +254,17 @@ def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(
     pyfunc = yaml.safe_load(mlflow.artifacts.load_text(location + "/MLmodel"))["flavors"]["python_function"]
     files = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=location)}
     # A model from code: loading it runs the logged pyfunc_model.py and unpickles nothing.
-    assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "pyfunc_model.py" in files and "python_model.pkl" not in files, files
+    assert (
+        pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+        and "pyfunc_model.py" in files
+        and "python_model.pkl" not in files
+    ), files
     candidate = client.get_model_version_by_alias(REGISTERED, "candidate")
     assert candidate.run_id == finetune.info.run_id and models["image_classifier"] in candidate.source, candidate
     first = runs(executions, "tags.`petpipe.execution` = 'first' and attributes.run_name = 'finetune'")[0]
-    assert len(first.outputs.model_outputs) == 2 and len(client.search_model_versions(f"name = '{REGISTERED}'")) == 1  # first: not registered
+    assert (
+        len(first.outputs.model_outputs) == 2 and len(client.search_model_versions(f"name = '{REGISTERED}'")) == 1
+    )  # first: not registered
     image = next((executions["work"] / PATHS["dataset"]).rglob("valid/red/*.png"))
     env = {"MLFLOW_TRACKING_URI": mlflow_server, "PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(executions["work"])}
     served = executions["work"] / "served.json"
@@ -198,10 +273,14 @@ def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=executions["work"])
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    reference = ImageClassifier(executions["work"] / "models/final.pt", presize_size=24)  # the same checkpoint, here: the same answers
+    reference = ImageClassifier(
+        executions["work"] / "models/final.pt", presize_size=24
+    )  # the same checkpoint, here: the same answers
     expected = reference(pd.DataFrame({"image": [str(image)]}))
     assert [r["label"] for r in out["rows"]] == [expected["label"][0]] * 2 and 0 < out["rows"][0]["probability"] <= 1
-    assert len(json.loads(served.read_text())["predictions"]) == 2  # the serving input example, through MLflow's scoring path
+    assert (
+        len(json.loads(served.read_text())["predictions"]) == 2
+    )  # the serving input example, through MLflow's scoring path
     with torch.inference_mode():
         logits = reference.model(torch.tensor(out["x"])).numpy()
     assert np.asarray(out["x"]).shape[1:] == (3, 16, 16)
@@ -210,11 +289,23 @@ def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(
     # validation loader, which normalises as training did.
     assert reference.uses_timm and reference.normalization == Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     store = PresizedStore(executions["work"] / PATHS["presized"])
-    loader = make_loader(store, "valid", make_runtime("cpu", "fp32"), size=16, batch_size=64, num_workers=0, normalization=reference.normalization)
+    loader = make_loader(
+        store,
+        "valid",
+        make_runtime("cpu", "fp32"),
+        size=16,
+        batch_size=64,
+        num_workers=0,
+        normalization=reference.normalization,
+    )
     logits, _ = predict(reference.model, loader, make_runtime("cpu", "fp32"))
-    position = [store.paths[int(i)] for i in loader.dataset.positions].index(image.relative_to(executions["work"] / PATHS["dataset"]).as_posix())
+    position = [store.paths[int(i)] for i in loader.dataset.positions].index(
+        image.relative_to(executions["work"] / PATHS["dataset"]).as_posix()
+    )
     probability = torch.softmax(logits[position], 0).max().item()
-    assert out["rows"][0]["probability"] == pytest.approx(probability, abs=1e-4) and out["rows"][1]["probability"] == pytest.approx(probability, abs=1e-4)
+    assert out["rows"][0]["probability"] == pytest.approx(probability, abs=1e-4) and out["rows"][1][
+        "probability"
+    ] == pytest.approx(probability, abs=1e-4)
 
 
 def test_an_unreachable_server_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
@@ -230,7 +321,9 @@ def test_an_unreachable_server_fails_fast_with_one_line(tmp_path, monkeypatch, c
     assert uri in err and "unset MLFLOW_TRACKING_URI" in err and not (tmp_path / "dataset").exists()
 
 
-def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journal(tmp_path, monkeypatch, capsys, mlflow_template, presized_store):
+def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journal(
+    tmp_path, monkeypatch, capsys, mlflow_template, presized_store
+):
     import torch
 
     import petpipe.training as training
@@ -253,14 +346,27 @@ def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journa
     params["train"].update(size=16, batch_size=12, num_workers=0)
     params["train_frozen"]["epochs"] = 1
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
-    argv = ["--params", "p.yaml", "--presized", str(presized_store), "--checkpoint", "stage1.pt", "--metrics", "m.json", "--plot", "c.csv"]
+    argv = [
+        "--params",
+        "p.yaml",
+        "--presized",
+        str(presized_store),
+        "--checkpoint",
+        "stage1.pt",
+        "--metrics",
+        "m.json",
+        "--plot",
+        "c.csv",
+    ]
     try:
         assert load_stage("train_frozen").main(argv) == 0
     finally:
         stop_mlflow_server(proc)
         mlflow.set_tracking_uri(None)
     assert set(torch.load(tmp_path / "stage1.pt", weights_only=True)) == {"model", "meta"}
-    assert "accuracy" in json.loads((tmp_path / "m.json").read_text()) and (tmp_path / "c.csv").read_text().startswith("epoch,")
+    assert "accuracy" in json.loads((tmp_path / "m.json").read_text()) and (tmp_path / "c.csv").read_text().startswith(
+        "epoch,"
+    )
     err = capsys.readouterr().err
     pending = list((tmp_path / ".petpipe/pending").glob("train_frozen-*.json"))
     assert len(pending) == 1 and f"python -m petpipe.tracking.replay {pending[0]}" in err
@@ -278,12 +384,18 @@ def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journa
     finally:
         stop_mlflow_server(proc)
         mlflow.set_tracking_uri(None)
-    assert not pending[0].exists() and replayed.info.status == "FINISHED" and replayed.data.tags["petpipe.execution"] == "outage"
+    assert (
+        not pending[0].exists()
+        and replayed.info.status == "FINISHED"
+        and replayed.data.tags["petpipe.execution"] == "outage"
+    )
     assert replayed.data.metrics["accuracy"] == json.loads((tmp_path / "m.json").read_text())["accuracy"]
     assert replayed.data.params["train_frozen.epochs"] == "1" and len(history) == 1
 
 
-def test_replay_logs_the_final_model_only_if_it_is_the_trained_one_and_registers_nothing(executions, mlflow_server, monkeypatch, capsys):
+def test_replay_logs_the_final_model_only_if_it_is_the_trained_one_and_registers_nothing(
+    executions, mlflow_server, monkeypatch, capsys
+):
     """A finetune journal (as an outage leaves it) is replayed: the model is logged from the journaled
     example if the checkpoint still has the trained digest, never registered; a changed checkpoint is not logged."""
     import base64
@@ -293,8 +405,16 @@ def test_replay_logs_the_final_model_only_if_it_is_the_trained_one_and_registers
 
     client, work = executions["client"], executions["work"]
     final = work / "models/final.pt"
-    example = {"image": [base64.b64encode(b).decode() for b in example_input(PresizedStore(work / PATHS["presized"]))["image"]]}
-    spec = {"checkpoint": str(final), "presize_size": 24, "example": example, "register_as": REGISTERED, "checkpoint_md5": dvc_digest(final)}
+    example = {
+        "image": [base64.b64encode(b).decode() for b in example_input(PresizedStore(work / PATHS["presized"]))["image"]]
+    }
+    spec = {
+        "checkpoint": str(final),
+        "presize_size": 24,
+        "example": example,
+        "register_as": REGISTERED,
+        "checkpoint_md5": dvc_digest(final),
+    }
     pending = work / ".petpipe" / "pending"
     pending.mkdir(parents=True, exist_ok=True)
     journals = {}
@@ -303,7 +423,9 @@ def test_replay_logs_the_final_model_only_if_it_is_the_trained_one_and_registers
     for name, md5, call in cases:
         calls = [["log_params", [{"finetune.epochs": 1}]], [call, [{**spec, "checkpoint_md5": md5}]]]
         journals[name] = pending / f"finetune-{name}.json"
-        journals[name].write_text(json.dumps({"stage": "finetune", "execution": f"replayed-{name}", "cwd": str(work), "calls": calls}))
+        journals[name].write_text(
+            json.dumps({"stage": "finetune", "execution": f"replayed-{name}", "cwd": str(work), "calls": calls})
+        )
     versions = len(client.search_model_versions(f"name = '{REGISTERED}'"))
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)

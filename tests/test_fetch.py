@@ -48,7 +48,13 @@ def fetch_url(url, tmp_path, **kwargs):
 
 def test_repo_path_is_verified_and_extracted_without_its_top_folder(tmp_path, dataset_tarball, cache):
     dest = tmp_path / "out" / "dataset"
-    result = fetch(str(dataset_tarball.relative_to(tmp_path)), dest=dest, root=tmp_path, sha256=sha(dataset_tarball), size=dataset_tarball.stat().st_size)
+    result = fetch(
+        str(dataset_tarball.relative_to(tmp_path)),
+        dest=dest,
+        root=tmp_path,
+        sha256=sha(dataset_tarball),
+        size=dataset_tarball.stat().st_size,
+    )
     assert (dest / "train" / "red" / "0.png").is_file()
     assert (result.files, result.sha256, result.downloaded) == (33, sha(dataset_tarball), False)
     assert dataset_tarball.exists() and not cache.exists()  # a local archive is never copied or deleted
@@ -61,7 +67,9 @@ def test_file_url(tmp_path, dataset_tarball):
 
 
 def test_local_archive_failing_a_check_is_kept_and_named(tmp_path, dataset_tarball):
-    with pytest.raises(ArchiveError, match=r"data.md5: the archive from .*tiny.tgz has MD5 [0-9a-f]{32}, params expect 0{32}"):
+    with pytest.raises(
+        ArchiveError, match=r"data.md5: the archive from .*tiny.tgz has MD5 [0-9a-f]{32}, params expect 0{32}"
+    ):
         fetch(str(dataset_tarball), dest=tmp_path / "d", root=tmp_path, md5="0" * 32)
     with pytest.raises(ArchiveError, match=r"data.size: the archive from .* has [\d,]+ bytes, params expect 12"):
         fetch(str(dataset_tarball), dest=tmp_path / "d", root=tmp_path, size=12)
@@ -83,7 +91,10 @@ def test_download_is_cached_per_url_and_reused_offline(tmp_path, server, archive
     url = server.url("/tiny.tgz")
     result = fetch_url(url, tmp_path, sha256=sha(archive_bytes), size=len(archive_bytes))
     assert result.downloaded and result.files == 33 and (tmp_path / "dataset" / "train" / "green").is_dir()
-    assert result.archive == cache / hashlib.sha256(url.encode()).hexdigest() / "tiny.tgz" and result.archive.read_bytes() == archive_bytes
+    assert (
+        result.archive == cache / hashlib.sha256(url.encode()).hexdigest() / "tiny.tgz"
+        and result.archive.read_bytes() == archive_bytes
+    )
     assert (result.archive.parent / "url").read_text() == url + "\n"
     server.close()  # offline from here on
     again = fetch_url(url, tmp_path, sha256=sha(archive_bytes))
@@ -91,7 +102,10 @@ def test_download_is_cached_per_url_and_reused_offline(tmp_path, server, archive
 
 
 def test_two_urls_ending_in_the_same_name_get_different_archives(tmp_path, server, cache):
-    first, second = tar_bytes({"top/a/1.png": b"first", "top/b/1.png": b"1"}), tar_bytes({"top/a/1.png": b"second", "top/b/1.png": b"2"})
+    first, second = (
+        tar_bytes({"top/a/1.png": b"first", "top/b/1.png": b"1"}),
+        tar_bytes({"top/a/1.png": b"second", "top/b/1.png": b"2"}),
+    )
     server.files["/v1/data.tgz"], server.files["/v2/data.tgz"] = first, second
     fetch_url(server.url("/v1/data.tgz"), tmp_path)
     assert (tmp_path / "dataset" / "a" / "1.png").read_bytes() == b"first"
@@ -105,7 +119,11 @@ def test_html_page_instead_of_the_archive_fails_clearly_then_downloads_again(tmp
     """A captive portal answers 200 with a page: with data.sha256 null, extraction is what catches it."""
     server.files["/tiny.tgz"] = archive_bytes
     server.plan("/tiny.tgz", ("html",))
-    with pytest.raises(ArchiveError, match=r"neither a tar nor a zip archive \(it is an HTML page.*\); it was deleted from the cache, so the next run downloads"):
+    with pytest.raises(
+        ArchiveError,
+        match=r"neither a tar nor a zip archive \(it is an HTML page.*\); it was deleted from the cache, so the next "
+        r"run downloads",
+    ):
         fetch_url(server.url("/tiny.tgz"), tmp_path)
     assert not cached_archive(server.url("/tiny.tgz"), cache).exists() and not (tmp_path / "dataset").exists()
     result = fetch_url(server.url("/tiny.tgz"), tmp_path)  # the server works again
@@ -115,7 +133,10 @@ def test_html_page_instead_of_the_archive_fails_clearly_then_downloads_again(tmp
 def test_html_page_is_caught_by_data_size_before_its_body(tmp_path, server, archive_bytes, cache):
     server.files["/tiny.tgz"] = archive_bytes
     server.plan("/tiny.tgz", ("html",))
-    with pytest.raises(DownloadError, match=r"data.size: .*/tiny.tgz is \d+ bytes \(an HTML page: an error, login or proxy page\?\), params expect"):
+    with pytest.raises(
+        DownloadError,
+        match=r"data.size: .*/tiny.tgz is \d+ bytes \(an HTML page: an error, login or proxy page\?\), params expect",
+    ):
         fetch_url(server.url("/tiny.tgz"), tmp_path, size=len(archive_bytes))
     assert not list(cache.rglob("tiny.tgz*"))
     assert fetch_url(server.url("/tiny.tgz"), tmp_path, size=len(archive_bytes)).files == 33
@@ -124,7 +145,11 @@ def test_html_page_is_caught_by_data_size_before_its_body(tmp_path, server, arch
 def test_checksum_mismatch_names_url_and_digests_and_deletes_the_download(tmp_path, server, archive_bytes, cache):
     server.files["/tiny.tgz"] = archive_bytes
     url = server.url("/tiny.tgz")
-    with pytest.raises(ArchiveError, match=rf"data.sha256: the archive from {url} has SHA-256 {sha(archive_bytes)}, params expect 0{{64}}.*the download was deleted"):
+    with pytest.raises(
+        ArchiveError,
+        match=rf"data.sha256: the archive from {url} has SHA-256 {sha(archive_bytes)}, params expect 0{{64}}.*the "
+        r"download was deleted",
+    ):
         fetch_url(url, tmp_path, sha256="0" * 64)
     assert not (tmp_path / "dataset").exists() and not cached_archive(url, cache).exists()
 
@@ -142,8 +167,12 @@ def test_archive_over_the_caps_is_refused_but_stays_cached(tmp_path, server, arc
     server.files["/tiny.tgz"] = archive_bytes
     with pytest.raises(ArchiveLimitError, match=r"data.max_members: archive .* has more than 10 entries"):
         fetch_url(server.url("/tiny.tgz"), tmp_path, max_members=10)
-    assert cached_archive(server.url("/tiny.tgz"), cache).exists()  # not corrupt: no second download after raising the cap
-    with pytest.raises(ArchiveLimitError, match=r"data.max_unpacked_bytes: archive .* unpacks to more than 1,000 bytes"):
+    assert cached_archive(
+        server.url("/tiny.tgz"), cache
+    ).exists()  # not corrupt: no second download after raising the cap
+    with pytest.raises(
+        ArchiveLimitError, match=r"data.max_unpacked_bytes: archive .* unpacks to more than 1,000 bytes"
+    ):
         fetch_url(server.url("/tiny.tgz"), tmp_path, max_unpacked_bytes=1000)
     assert fetch_url(server.url("/tiny.tgz"), tmp_path, max_members=100, max_unpacked_bytes=10**6).files == 33
     assert server.requests("/tiny.tgz") == [None]
@@ -159,7 +188,9 @@ def test_http_503_twice_then_the_file(tmp_path, server, archive_bytes, cache, ca
 
 def test_size_announced_by_the_server_differs_from_data_size(tmp_path, server, archive_bytes, cache):
     server.files["/tiny.tgz"] = archive_bytes
-    with pytest.raises(DownloadError, match=rf"data.size: {server.url('/tiny.tgz')} is [\d,]+ bytes, params expect 811,706,944"):
+    with pytest.raises(
+        DownloadError, match=rf"data.size: {server.url('/tiny.tgz')} is [\d,]+ bytes, params expect 811,706,944"
+    ):
         fetch_url(server.url("/tiny.tgz"), tmp_path, size=811_706_944)
     assert len(server.requests("/tiny.tgz")) == 1 and not list(cache.rglob("*.part"))
 

@@ -29,7 +29,9 @@ def run(cmd: list[str], repo, env) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def server():
     srv = FaultyServer()
-    srv.files[ARCHIVE] = tar_bytes({f"tiny/{split}/{c}/{i}.png": bytes([i]) * 64 for split in ("train", "valid") for c in "ab" for i in range(3)})
+    srv.files[ARCHIVE] = tar_bytes(
+        {f"tiny/{split}/{c}/{i}.png": bytes([i]) * 64 for split in ("train", "valid") for c in "ab" for i in range(3)}
+    )
     yield srv
     srv.close()
 
@@ -57,7 +59,9 @@ def test_repro_fetch_survives_http_503_twice(repo, server):
     assert server.requests(ARCHIVE) == [None, None, None]
     assert "HTTP 503 Service Unavailable; try 2 in 1 s" in result.stderr + result.stdout
     assert sorted(p.name for p in (path / "data/dataset/train").iterdir()) == ["a", "b"]
-    cached = cached_archive(server.url(ARCHIVE), Path(env["PETPIPE_CACHE_DIR"]))  # the cache lives outside the workspace
+    cached = cached_archive(
+        server.url(ARCHIVE), Path(env["PETPIPE_CACHE_DIR"])
+    )  # the cache lives outside the workspace
     assert cached.read_bytes() == server.files[ARCHIVE] and not cached.is_relative_to(path)
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "fetched"], path, env)

@@ -92,7 +92,7 @@ def test_a_full_disk_under_a_library_error_is_found_and_other_errors_pass(tmp_pa
             try:
                 raise OSError(errno.ENOSPC, "No space left on device")
             except OSError:
-                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")  # torch.save's way
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")  # noqa: B904 (torch.save's way)
     with pytest.raises(PermissionError):
         with atomic_open(tmp_path / "model.pt", "wb"):
             raise PermissionError(errno.EACCES, "Permission denied")

@@ -80,7 +80,10 @@ def test_top_5_accuracy_with_more_classes_than_k():
 def test_row_normalised_confusion_by_hand():
     shares = normalise_rows(confusion_matrix(TARGETS, PREDS, 3))
     np.testing.assert_allclose(shares, [[1 / 3, 2 / 3, 0], [1 / 2, 1 / 2, 0], [1 / 3, 0, 2 / 3]])
-    assert normalise_rows(np.array([[0, 0], [1, 3]])).tolist() == [[0.0, 0.0], [0.25, 0.75]]  # a class without images: zeros
+    assert normalise_rows(np.array([[0, 0], [1, 3]])).tolist() == [
+        [0.0, 0.0],
+        [0.25, 0.75],
+    ]  # a class without images: zeros
 
 
 def test_most_confused_classes_count_errors_as_actual_and_as_predicted():

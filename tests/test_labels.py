@@ -43,19 +43,39 @@ def test_folder_rule_uses_parent_as_label_and_train_valid_folders_as_split(folde
 
 def test_folder_rule_counts_folders_from_images_dir(tmp_path):
     """A loose file in images/ is skipped, not labelled 'images'."""
-    root = touch(tmp_path / "ds", "images/cat/1.jpg", "images/cat/2.jpg", "images/dog/1.jpg", "images/dog/2.jpg", "images/stray.png", "other/x/1.jpg")
+    root = touch(
+        tmp_path / "ds",
+        "images/cat/1.jpg",
+        "images/cat/2.jpg",
+        "images/dog/1.jpg",
+        "images/dog/2.jpg",
+        "images/stray.png",
+        "other/x/1.jpg",
+    )
     table = table_for(root, rule="folder", images_dir="images", split="random", valid_pct=0.5)
-    assert table.classes == ["cat", "dog"] and table.skipped == [("images/stray.png", "not inside a class folder under labels.images_dir")]
+    assert table.classes == ["cat", "dog"] and table.skipped == [
+        ("images/stray.png", "not inside a class folder under labels.images_dir")
+    ]
     assert all(item.path.startswith("images/") for item in table.items)
 
 
 def test_folder_split_inside_images_dir(tmp_path):
-    root = touch(tmp_path / "ds", "imgs/train/cat/1.jpg", "imgs/train/dog/1.jpg", "imgs/valid/cat/2.jpg", "imgs/valid/dog/2.jpg", "imgs/train/loose.jpg", "imgs/cat/3.jpg")
+    root = touch(
+        tmp_path / "ds",
+        "imgs/train/cat/1.jpg",
+        "imgs/train/dog/1.jpg",
+        "imgs/valid/cat/2.jpg",
+        "imgs/valid/dog/2.jpg",
+        "imgs/train/loose.jpg",
+        "imgs/cat/3.jpg",
+    )
     table = table_for(root, rule="folder", images_dir="imgs", split="folder")
     assert {(i.path, i.label, i.split) for i in table.items} == {
-        ("imgs/train/cat/1.jpg", "cat", "train"), ("imgs/train/dog/1.jpg", "dog", "train"),
-        ("imgs/valid/cat/2.jpg", "cat", "valid"), ("imgs/valid/dog/2.jpg", "dog", "valid"),
-    }  # fmt: skip
+        ("imgs/train/cat/1.jpg", "cat", "train"),
+        ("imgs/train/dog/1.jpg", "dog", "train"),
+        ("imgs/valid/cat/2.jpg", "cat", "valid"),
+        ("imgs/valid/dog/2.jpg", "dog", "valid"),
+    }
     assert dict(table.skipped) == {
         "imgs/train/loose.jpg": "not inside a class folder under labels.images_dir",
         "imgs/cat/3.jpg": "not under a train/ or valid/ folder (labels.split: folder)",
@@ -100,7 +120,10 @@ def test_regex_rule_on_file_names_like_pets_ignores_other_files(tmp_path):
 def test_regex_matching_nothing_names_the_pattern_and_shows_paths(tmp_path):
     root = write_named_dataset(tmp_path / "pets")
     pattern = r"^(.+)-\d+\.png$"
-    with pytest.raises(LabelError, match=re.escape(f"labels.pattern: '{pattern}' matches none of the 18 files") + ".*tried e.g. Blue_1.jpg"):
+    with pytest.raises(
+        LabelError,
+        match=re.escape(f"labels.pattern: '{pattern}' matches none of the 18 files") + ".*tried e.g. Blue_1.jpg",
+    ):
         table_for(root, rule="regex", images_dir="images", pattern=pattern, split="random")
 
 
@@ -126,17 +149,33 @@ def test_csv_rule_with_is_valid_column_and_missing_rows(folder_dataset):
     assert table.classes == ["BLUE", "GREEN", "RED"]
     assert table.counts() == {"n_train": 24, "n_valid": 9, "n_classes": 3, "n_skipped": 1}
     assert table.skipped[0][0] == "train/red/999.png"
-    assert table_for(folder_dataset, rule="csv", csv_name="labels.csv", split="random", valid_pct=0.5).counts()["n_valid"] == 16
+    assert (
+        table_for(folder_dataset, rule="csv", csv_name="labels.csv", split="random", valid_pct=0.5).counts()["n_valid"]
+        == 16
+    )
 
 
 @pytest.mark.parametrize(
     "row, message",
     [
-        (("train/red/0.png",), r"labels.csv: labels.csv line 35: no value in column 'label' \(the row has fewer fields than the header\)"),
+        (
+            ("train/red/0.png",),
+            r"labels.csv: labels.csv line 35: no value in column 'label' \(the row has fewer fields than the header\)",
+        ),
         (("train/red/0.png", " ", 0), r"labels.csv: labels.csv line 35: column 'label' is empty"),
-        (("train/red/0.png", "RED", 0, "extra"), r"labels.csv: labels.csv line 35: more fields than the 3 columns of the header"),
-        (("train/blue/0.png", "BLUE", 1), r"labels.csv: labels.csv line 35: 'train/blue/0.png' is listed again \(first on line 2\); list each image once"),
-        (("train/red/77.png", "RED", "maybe"), r"labels.csv: labels.csv line 35: column 'is_valid' is 'maybe'; allowed: 1, true, yes, 0, false, no"),
+        (
+            ("train/red/0.png", "RED", 0, "extra"),
+            r"labels.csv: labels.csv line 35: more fields than the 3 columns of the header",
+        ),
+        (
+            ("train/blue/0.png", "BLUE", 1),
+            r"labels.csv: labels.csv line 35: 'train/blue/0.png' is listed again \(first on line 2\); list each image "
+            r"once",
+        ),
+        (
+            ("train/red/77.png", "RED", "maybe"),
+            r"labels.csv: labels.csv line 35: column 'is_valid' is 'maybe'; allowed: 1, true, yes, 0, false, no",
+        ),
     ],
 )
 def test_csv_rows_are_checked_with_file_line_and_column(folder_dataset, row, message):
@@ -147,7 +186,9 @@ def test_csv_rows_are_checked_with_file_line_and_column(folder_dataset, row, mes
 
 def test_csv_without_required_columns(folder_dataset):
     (folder_dataset / "labels.csv").write_text("file,class\n")
-    with pytest.raises(LabelError, match=r"labels.csv: labels.csv needs columns name,label; missing name, label \(found file, class\)"):
+    with pytest.raises(
+        LabelError, match=r"labels.csv: labels.csv needs columns name,label; missing name, label \(found file, class\)"
+    ):
         table_for(folder_dataset, rule="csv", csv_name="labels.csv", split="random")
     labels_csv(folder_dataset, header=("name", "label"))
     with pytest.raises(LabelError, match=r"needs columns name,label,is_valid; missing is_valid"):
@@ -173,29 +214,54 @@ def write_module(code_root, name, source):
 def test_function_rule_is_fastais_from_name_func(tmp_path, code_root):
     """fastai lesson 1: `def is_cat(x): return x[0].isupper()` on the file name."""
     root = write_named_dataset(tmp_path / "pets")
-    module = write_module(code_root, "labelling_is_cat", "def is_cat(x):\n    return x[0].isupper() and x.startswith(('Green', 'Blue'))\n")
-    table = table_for(root, rule="function", function=f"{module}:is_cat", images_dir="images", split="random", code_root=code_root)
+    module = write_module(
+        code_root, "labelling_is_cat", "def is_cat(x):\n    return x[0].isupper() and x.startswith(('Green', 'Blue'))\n"
+    )
+    table = table_for(
+        root, rule="function", function=f"{module}:is_cat", images_dir="images", split="random", code_root=code_root
+    )
     assert table.classes == ["False", "True"] and table.counts()["n_train"] + table.counts()["n_valid"] == 18
 
 
 def test_function_rule_on_paths_and_skipping(tmp_path, code_root):
     root = touch(tmp_path / "ds", "a/cat/1.jpg", "a/cat/2.jpg", "a/dog/1.jpg", "a/dog/2.jpg", "a/skip/1.jpg")
-    module = write_module(code_root, "labelling_paths", "class Rules:\n    @staticmethod\n    def folder(p):\n        return None if 'skip' in p else p.split('/')[1]\n")
-    table = table_for(root, rule="function", function=f"{module}:Rules.folder", match_on="path", split="random", valid_pct=0.5, code_root=code_root)
-    assert table.classes == ["cat", "dog"] and table.skipped == [("a/skip/1.jpg", f"labels.function {module}:Rules.folder gave no label")]
+    module = write_module(
+        code_root,
+        "labelling_paths",
+        "class Rules:\n    @staticmethod\n    def folder(p):\n        return None if 'skip' in p else "
+        "p.split('/')[1]\n",
+    )
+    table = table_for(
+        root,
+        rule="function",
+        function=f"{module}:Rules.folder",
+        match_on="path",
+        split="random",
+        valid_pct=0.5,
+        code_root=code_root,
+    )
+    assert table.classes == ["cat", "dog"] and table.skipped == [
+        ("a/skip/1.jpg", f"labels.function {module}:Rules.folder gave no label")
+    ]
 
 
 def test_function_errors_name_the_function_and_the_file(tmp_path, code_root):
     root = write_named_dataset(tmp_path / "pets")
-    module = write_module(code_root, "labelling_broken", "def label(x):\n    return {'Blue_1.jpg': 'b'}[x]\n\nNOT_CALLABLE = 3\n")
+    module = write_module(
+        code_root, "labelling_broken", "def label(x):\n    return {'Blue_1.jpg': 'b'}[x]\n\nNOT_CALLABLE = 3\n"
+    )
     kwargs = dict(rule="function", images_dir="images", split="random", code_root=code_root)
-    with pytest.raises(LabelError, match=rf"labels.function: {module}:label failed on 'Blue_2.jpg': KeyError: 'Blue_2.jpg'"):
+    with pytest.raises(
+        LabelError, match=rf"labels.function: {module}:label failed on 'Blue_2.jpg': KeyError: 'Blue_2.jpg'"
+    ):
         table_for(root, function=f"{module}:label", **kwargs)
     with pytest.raises(LabelError, match=rf"labels.function: '{module}' \(.*\) has no 'nope'"):
         table_for(root, function=f"{module}:nope", **kwargs)
     with pytest.raises(LabelError, match=rf"labels.function: '{module}:NOT_CALLABLE' is a int, not a function"):
         table_for(root, function=f"{module}:NOT_CALLABLE", **kwargs)
-    with pytest.raises(LabelError, match=r"labels.function: cannot import 'no_such_module_here' from .*repo \(ModuleNotFoundError"):
+    with pytest.raises(
+        LabelError, match=r"labels.function: cannot import 'no_such_module_here' from .*repo \(ModuleNotFoundError"
+    ):
         table_for(root, function="no_such_module_here:f", **kwargs)
 
 
@@ -209,22 +275,40 @@ def write_pets_names(tmp_path):
     (root / "annotations").mkdir()
     # Image CLASS-ID SPECIES BREED-ID, as in annotations/trainval.txt and test.txt
     (root / "annotations" / "trainval.txt").write_text("".join(f"{n} 1 1 1\n" for n in names if n[-1] in "123"))
-    (root / "annotations" / "test.txt").write_text("# a comment\n\n" + "".join(f"{n} 2 2 2\n" for n in names if n[-1] == "4"))
+    (root / "annotations" / "test.txt").write_text(
+        "# a comment\n\n" + "".join(f"{n} 2 2 2\n" for n in names if n[-1] == "4")
+    )
     return root
 
 
 def test_official_pets_split_files(tmp_path):
     root = write_pets_names(tmp_path)
-    table = table_for(root, rule="regex", images_dir="images", pattern=PETS_PATTERN, split="file",
-                      valid_file="annotations/test.txt", train_file="annotations/trainval.txt")  # fmt: skip
+    table = table_for(
+        root,
+        rule="regex",
+        images_dir="images",
+        pattern=PETS_PATTERN,
+        split="file",
+        valid_file="annotations/test.txt",
+        train_file="annotations/trainval.txt",
+    )
     assert {i.path for i in table.items if i.split == "valid"} == {"images/Bengal_4.jpg", "images/beagle_4.jpg"}
     assert table.counts() == {"n_train": 6, "n_valid": 2, "n_classes": 2, "n_skipped": 0} and table.warnings == []
 
 
 def test_one_split_file_puts_the_rest_in_the_other_split(tmp_path):
     root = write_pets_names(tmp_path)
-    only_train = table_for(root, rule="regex", images_dir="images", pattern=PETS_PATTERN, split="file", train_file="annotations/trainval.txt")
-    only_valid = table_for(root, rule="regex", images_dir="images", pattern=PETS_PATTERN, split="file", valid_file="annotations/test.txt")
+    only_train = table_for(
+        root,
+        rule="regex",
+        images_dir="images",
+        pattern=PETS_PATTERN,
+        split="file",
+        train_file="annotations/trainval.txt",
+    )
+    only_valid = table_for(
+        root, rule="regex", images_dir="images", pattern=PETS_PATTERN, split="file", valid_file="annotations/test.txt"
+    )
     assert only_train.items == only_valid.items and only_train.counts()["n_valid"] == 2
 
 
@@ -232,11 +316,18 @@ def test_split_files_name_problems_with_file_and_line(tmp_path):
     root = write_pets_names(tmp_path)
     kwargs = dict(rule="regex", images_dir="images", pattern=r"^(.+)_\d+\.(?:jpg|png)$", split="file")
     (root / "annotations" / "test.txt").write_text("Bengal_4\nBengal_1\n")
-    with pytest.raises(LabelError, match=r"labels.train_file: annotations/trainval.txt line 1: 'Bengal_1' is also listed in annotations/test.txt line 2"):
+    with pytest.raises(
+        LabelError,
+        match=r"labels.train_file: annotations/trainval.txt line 1: 'Bengal_1' is also listed in "
+        r"annotations/test.txt line 2",
+    ):
         table_for(root, valid_file="annotations/test.txt", train_file="annotations/trainval.txt", **kwargs)
     (root / "images" / "Bengal_4.png").write_bytes(b"")
     (root / "annotations" / "test.txt").write_text("Bengal_4\n")
-    with pytest.raises(LabelError, match=r"labels.valid_file: annotations/test.txt line 1: 'Bengal_4' matches 2 images .*; add the extension"):
+    with pytest.raises(
+        LabelError,
+        match=r"labels.valid_file: annotations/test.txt line 1: 'Bengal_4' matches 2 images .*; add the extension",
+    ):
         table_for(root, valid_file="annotations/test.txt", **kwargs)
     (root / "annotations" / "test.txt").write_text("Bengal_4.jpg\nSphynx_1\n")
     table = table_for(root, valid_file="annotations/test.txt", train_file="annotations/trainval.txt", **kwargs)
@@ -244,9 +335,15 @@ def test_split_files_name_problems_with_file_and_line(tmp_path):
         "labels.valid_file: 1 of the 2 names in annotations/test.txt are not labelled images, e.g. Sphynx_1",
         "labels: 1 of 2 classes have no validation image, so nothing measures them: beagle",
     ]
-    assert dict(table.skipped)["images/beagle_4.jpg"] == "listed in neither annotations/test.txt nor annotations/trainval.txt"
+    assert (
+        dict(table.skipped)["images/beagle_4.jpg"]
+        == "listed in neither annotations/test.txt nor annotations/trainval.txt"
+    )
     (root / "annotations" / "test.txt").write_text("Sphynx_1\n")
-    with pytest.raises(LabelError, match=r"labels.valid_file: none of the 1 names in annotations/test.txt is a labelled image .*Sphynx_1"):
+    with pytest.raises(
+        LabelError,
+        match=r"labels.valid_file: none of the 1 names in annotations/test.txt is a labelled image .*Sphynx_1",
+    ):
         table_for(root, valid_file="annotations/test.txt", **kwargs)
     with pytest.raises(LabelError, match=r"labels.valid_file: 'annotations/none.txt' is not a file inside the dataset"):
         table_for(root, valid_file="annotations/none.txt", **kwargs)
@@ -256,7 +353,13 @@ def test_split_files_name_problems_with_file_and_line(tmp_path):
 
 
 def test_classes_without_training_or_validation_images_are_reported(tmp_path):
-    root = touch(tmp_path / "ds", *[f"train/{c}/{i}.png" for c in ("a", "b", "c") for i in range(2)], "valid/a/9.png", "valid/b/9.png", "valid/z/9.png")
+    root = touch(
+        tmp_path / "ds",
+        *[f"train/{c}/{i}.png" for c in ("a", "b", "c") for i in range(2)],
+        "valid/a/9.png",
+        "valid/b/9.png",
+        "valid/z/9.png",
+    )
     table = table_for(root, rule="folder", split="folder")
     assert table.classes == ["a", "b", "c"] and table.skipped == [("valid/z/9.png", "label 'z' has no training images")]
     assert table.warnings == [
@@ -284,7 +387,9 @@ def test_single_class_is_an_error(tmp_path):
 
 def test_empty_validation_split_is_an_error(tmp_path):
     root = touch(tmp_path / "ds", "train/a/1.png", "train/b/1.png")
-    with pytest.raises(LabelError, match=r"labels.split: 'folder' gave 2 training and 0 validation images; both must be > 0"):
+    with pytest.raises(
+        LabelError, match=r"labels.split: 'folder' gave 2 training and 0 validation images; both must be > 0"
+    ):
         table_for(root, rule="folder", split="folder")
 
 
@@ -313,10 +418,20 @@ def labels_params(**labels):
     "labels, message",
     [
         ({"rule": "function"}, r"^labels.function: required when labels.rule is 'function'"),
-        ({"rule": "function", "function": "labelling.is_cat"}, r"^labels.function: 'labelling.is_cat' is not allowed: give 'module:callable'"),
-        ({"split": "column"}, r"^labels.split: 'column' takes the split from the is_valid column of labels.csv, so it needs labels.rule 'csv'"),
+        (
+            {"rule": "function", "function": "labelling.is_cat"},
+            r"^labels.function: 'labelling.is_cat' is not allowed: give 'module:callable'",
+        ),
+        (
+            {"split": "column"},
+            r"^labels.split: 'column' takes the split from the is_valid column of labels.csv, so it needs labels.rule "
+            r"'csv'",
+        ),
         ({"split": "file"}, r"^labels.split: 'file' needs labels.valid_file or labels.train_file"),
-        ({"split": "grandparent"}, r"^labels.split: 'grandparent' is not allowed; allowed: 'random', 'folder', 'column', 'file'$"),
+        (
+            {"split": "grandparent"},
+            r"^labels.split: 'grandparent' is not allowed; allowed: 'random', 'folder', 'column', 'file'$",
+        ),
         ({"valid_pct": float("nan")}, r"^labels.valid_pct: nan is not allowed: numbers must be finite"),
     ],
 )
@@ -326,5 +441,7 @@ def test_labels_params_are_checked(labels, message):
 
 
 def test_labels_params_accept_the_new_rules():
-    cfg = parse_config(labels_params(rule="function", function="mypkg.rules:breed", split="file", valid_file="annotations/test.txt"))
+    cfg = parse_config(
+        labels_params(rule="function", function="mypkg.rules:breed", split="file", valid_file="annotations/test.txt")
+    )
     assert (cfg.labels.function, cfg.labels.split, cfg.labels.train_file) == ("mypkg.rules:breed", "file", None)

@@ -6,7 +6,9 @@ from petpipe import lineage
 
 
 def test_dvc_is_recognised_however_it_was_started():
-    assert lineage.is_dvc_command(["/venv/bin/dvc", "repro"]) and lineage.is_dvc_command(["python", "-m", "dvc", "exp", "run"])
+    assert lineage.is_dvc_command(["/venv/bin/dvc", "repro"]) and lineage.is_dvc_command(
+        ["python", "-m", "dvc", "exp", "run"]
+    )
     assert lineage.is_dvc_command(["/usr/bin/python3", "/venv/bin/dvc", "exp", "exec-run"])
     assert not lineage.is_dvc_command(["/bin/sh", "-c", "python stages/fetch.py --dataset data/dataset"])
 
@@ -23,7 +25,10 @@ def test_every_stage_process_of_one_dvc_process_gets_the_same_execution_key(tmp_
         "for _ in range(2):\n"
         "    subprocess.run(['/bin/sh', '-c', f'{sys.executable} -c \"{code}\"'], check=True)\n"
     )
-    keys = [subprocess.run([sys.executable, str(fake_dvc)], capture_output=True, text=True, check=True).stdout.split() for _ in range(2)]
+    keys = [
+        subprocess.run([sys.executable, str(fake_dvc)], capture_output=True, text=True, check=True).stdout.split()
+        for _ in range(2)
+    ]
     assert keys[0][0] == keys[0][1] and keys[1][0] == keys[1][1] and keys[0][0] != keys[1][0]
     assert lineage.execution_key({"PETPIPE_EXECUTION": "mine"}) == "mine"
 
@@ -32,8 +37,19 @@ def test_upstream_params_follow_the_dvc_yaml_graph():
     stages = lineage.load_stages(ROOT / "dvc.yaml")
     assert lineage.upstream(stages, "presize") == ["fetch", "labels"]
     assert lineage.upstream(stages, "fetch") == []
-    resolved = {"data.url": "u", "labels.rule": "folder", "presize.size": 64, "train_frozen.lr": 0.01, "finetune.epochs": 2, "report.top_losses": 9}
-    assert lineage.lineage_params(stages, "presize", resolved) == {"data.url": "u", "labels.rule": "folder", "presize.size": 64}
+    resolved = {
+        "data.url": "u",
+        "labels.rule": "folder",
+        "presize.size": 64,
+        "train_frozen.lr": 0.01,
+        "finetune.epochs": 2,
+        "report.top_losses": 9,
+    }
+    assert lineage.lineage_params(stages, "presize", resolved) == {
+        "data.url": "u",
+        "labels.rule": "folder",
+        "presize.size": 64,
+    }
     assert set(lineage.lineage_params(stages, "finetune", resolved)) == set(resolved) - {"report.top_losses"}
 
 

@@ -69,7 +69,8 @@ def test_suggestions_skip_the_first_tenth_of_num_it():
 
 
 def test_a_nan_cuts_the_curve_where_fastai_does():
-    """fastai runs on through a NaN, drops the last 5 points, then cuts at the first NaN: end = min(first NaN, num_it - 5)."""
+    """fastai runs on through a NaN, drops the last 5 points, then cuts at the first NaN: end = min(first NaN, num_it -
+    5)."""
     num_it = 40
     lrs = list(np.logspace(-6, 0, num_it))
     losses = list(np.linspace(3.0, 1.0, 38)) + [float("nan")]  # stopped at the first NaN, index 38
@@ -94,7 +95,9 @@ def test_range_test_leaves_the_model_as_it_was():
     torch.manual_seed(0)
     x, y = torch.randn(64, 3, 1, 1), torch.randint(0, 2, (64,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lr_range_test(model, loader, make_runtime("cpu", "fp32"), start_lr=1e-4, end_lr=1.0, num_it=8, weight_decay=0.0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -110,11 +113,15 @@ def test_range_test_stops_on_divergence_and_suggests():
     y = torch.randint(0, 2, (256,))  # random labels: large LRs can only make the loss explode
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2))
-    curve = lr_range_test(model, loader, make_runtime("cpu", "fp32"), start_lr=1e-5, end_lr=1e4, num_it=100, weight_decay=0.0)
+    curve = lr_range_test(
+        model, loader, make_runtime("cpu", "fp32"), start_lr=1e-5, end_lr=1e4, num_it=100, weight_decay=0.0
+    )
     assert 10 < len(curve["lr"]) < 100  # diverged before the end
     assert curve["lr"] == sorted(curve["lr"]) and curve["lr"][0] == pytest.approx(1e-5)
     tips, warning = suggest(curve, num_it=100)
-    assert warning is None and set(tips) == {"valley", "minimum", "steep"} and all(1e-5 <= v <= 1e4 for v in tips.values())
+    assert (
+        warning is None and set(tips) == {"valley", "minimum", "steep"} and all(1e-5 <= v <= 1e4 for v in tips.values())
+    )
 
 
 def memorised_head_curve(num_it: int = 100) -> dict[str, list[float]]:
@@ -135,15 +142,21 @@ def test_a_curve_too_short_to_read_gives_null_suggestions_and_a_warning():
     summary = lr_find_summary(curve, num_it=100)
     assert summary["valley"] is summary["minimum"] is summary["steep"] is None
     assert summary["auto_max_lr_lo"] is summary["auto_max_lr_hi"] is None and summary["iterations"] == 16
-    assert summary["warning"].startswith("lr_find: only 16 points before the loss diverged") and "finetune.max_lr" in summary["warning"]
+    assert (
+        summary["warning"].startswith("lr_find: only 16 points before the loss diverged")
+        and "finetune.max_lr" in summary["warning"]
+    )
 
 
 def test_explicit_lrs_ignore_a_failed_lr_find_and_auto_stops_in_one_line(tmp_path):
     result = tmp_path / "lr_find.json"
     result.write_text(__import__("json").dumps(lr_find_summary(memorised_head_curve(), num_it=100)))
     assert choose_max_lr((1e-4, 1e-2), result) == {"lo": 1e-4, "hi": 1e-2, "source": "finetune.max_lr"}
-    with pytest.raises(PetpipeError, match=r"^finetune.max_lr: 'auto' needs lr_find's valley suggestion, but lr_find could not suggest one "
-                       r"\(lr_find: only 16 points.*set finetune.max_lr to \[lo, hi\]") as caught:
+    with pytest.raises(
+        PetpipeError,
+        match=r"^finetune.max_lr: 'auto' needs lr_find's valley suggestion, but lr_find could not suggest one "
+        r"\(lr_find: only 16 points.*set finetune.max_lr to \[lo, hi\]",
+    ) as caught:
         choose_max_lr("auto", result)
     assert "\n" not in str(caught.value)
 
@@ -162,7 +175,11 @@ def test_the_stages_on_a_curve_that_diverges_at_once(presized_store, tmp_path, m
     from petpipe.presize import PresizedStore
 
     classes = PresizedStore(presized_store).classes
-    save_checkpoint(tmp_path / "stage1.pt", build_model("resnet18", len(classes)), meta={"arch": "resnet18", "classes": classes, "size": 16})
+    save_checkpoint(
+        tmp_path / "stage1.pt",
+        build_model("resnet18", len(classes)),
+        meta={"arch": "resnet18", "classes": classes, "size": 16},
+    )
     raw = yaml.safe_load((ROOT / "profiles/digits.yaml").read_text())
     raw["train"].update(size=16, batch_size=12, num_workers=0)
     raw["lr_find"].update(start_lr=10.0, end_lr=1e6, num_it=30)  # diverges within a few mini-batches
@@ -172,18 +189,43 @@ def test_the_stages_on_a_curve_that_diverges_at_once(presized_store, tmp_path, m
         raw["finetune"]["max_lr"] = max_lr
         params = tmp_path / f"params-{max_lr}.yaml"
         params.write_text(yaml.safe_dump(raw))
-        argv = ["--params", str(params), "--presized", str(presized_store), "--checkpoint", str(tmp_path / "stage1.pt"),
-                "--result", "lr_find.json", "--plot", "lr_find.csv", "--figure", "lr_find.png"]  # fmt: skip
+        argv = [
+            "--params",
+            str(params),
+            "--presized",
+            str(presized_store),
+            "--checkpoint",
+            str(tmp_path / "stage1.pt"),
+            "--result",
+            "lr_find.json",
+            "--plot",
+            "lr_find.csv",
+            "--figure",
+            "lr_find.png",
+        ]
         assert load_stage("lr_find").main(argv) == 0
         result = json.loads((tmp_path / "lr_find.json").read_text())
-        assert result["valley"] is None and result["auto_max_lr_hi"] is None and result["warning"].startswith("lr_find: only ")
+        assert (
+            result["valley"] is None
+            and result["auto_max_lr_hi"] is None
+            and result["warning"].startswith("lr_find: only ")
+        )
         assert "warning: lr_find: only " in capsys.readouterr().err
-        assert len((tmp_path / "lr_find.csv").read_text().splitlines()) == result["iterations"] + 1 and (tmp_path / "lr_find.png").stat().st_size
-        code = load_stage("choose_lr").main(["--params", str(params), "--lr-find-result", "lr_find.json", "--chosen", "chosen.json"])
+        assert (
+            len((tmp_path / "lr_find.csv").read_text().splitlines()) == result["iterations"] + 1
+            and (tmp_path / "lr_find.png").stat().st_size
+        )
+        code = load_stage("choose_lr").main(
+            ["--params", str(params), "--lr-find-result", "lr_find.json", "--chosen", "chosen.json"]
+        )
         err = capsys.readouterr().err
         if max_lr == "auto":
             assert code != 0 and not (tmp_path / "chosen.json").exists()
             assert err.strip().count("\n") == 0 and "finetune.max_lr: 'auto' needs lr_find's valley suggestion" in err
         else:
-            assert code == 0 and json.loads((tmp_path / "chosen.json").read_text()) == {"lo": 1e-3, "hi": 1e-2, "source": "finetune.max_lr"}
+            assert code == 0 and json.loads((tmp_path / "chosen.json").read_text()) == {
+                "lo": 1e-3,
+                "hi": 1e-2,
+                "source": "finetune.max_lr",
+            }
             (tmp_path / "chosen.json").unlink()

@@ -30,7 +30,17 @@ def test_head_replaces_the_classifier(resnet):
 def test_fastai_head_layout():
     head = create_head(64, 5)
     kinds = [type(m).__name__ for m in head]
-    assert kinds == ["AdaptiveConcatPool2d", "Flatten", "BatchNorm1d", "Dropout", "Linear", "ReLU", "BatchNorm1d", "Dropout", "Linear"]
+    assert kinds == [
+        "AdaptiveConcatPool2d",
+        "Flatten",
+        "BatchNorm1d",
+        "Dropout",
+        "Linear",
+        "ReLU",
+        "BatchNorm1d",
+        "Dropout",
+        "Linear",
+    ]
     assert head[3].p == 0.25 and head[7].p == 0.5 and head[4].out_features == 512
 
 
@@ -40,9 +50,9 @@ def test_freeze_keeps_batchnorm_and_head_trainable(resnet):
     for module in body.modules():
         for p in module.parameters(recurse=False):
             assert p.requires_grad == isinstance(module, nn.BatchNorm2d)
-    assert count_trainable(resnet) == sum(p.numel() for m in body.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)) + sum(
-        p.numel() for p in head.parameters()
-    )
+    assert count_trainable(resnet) == sum(
+        p.numel() for m in body.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)
+    ) + sum(p.numel() for p in head.parameters())
     assert all(p.requires_grad for p in head.parameters())
     frozen_count = count_trainable(resnet)
     unfreeze(resnet)
@@ -58,9 +68,12 @@ def test_three_layer_groups_cover_every_parameter_once(resnet):
     assert {id(p) for p in resnet[0][6].parameters()} <= {id(p) for p in groups[1]}
 
 
-@pytest.mark.parametrize("arch, n_groups", [("mobilenet_v3_small", 2), ("efficientnet_b0", 2), ("regnet_y_400mf", 2), ("squeezenet1_1", 3)])
+@pytest.mark.parametrize(
+    "arch, n_groups", [("mobilenet_v3_small", 2), ("efficientnet_b0", 2), ("regnet_y_400mf", 2), ("squeezenet1_1", 3)]
+)
 def test_other_cnn_families_get_fastais_groups(arch, n_groups):
-    """fastai splits the families it knows (resnet, densenet, vgg, alexnet, squeezenet) in two; the rest are body | head."""
+    """fastai splits the families it knows (resnet, densenet, vgg, alexnet, squeezenet) in two; the rest are body |
+    head."""
     model = build_model(arch, 4)
     model.eval()
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
@@ -86,7 +99,9 @@ def test_head_batchnorm_init_is_fastais():
     """fastai BatchNorm(nf, ndim=1): weight 1, bias 1e-3."""
     head = create_head(64, 5)
     for bn in (head[2], head[6]):
-        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.allclose(bn.bias, torch.full_like(bn.bias, 1e-3))
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.allclose(
+            bn.bias, torch.full_like(bn.bias, 1e-3)
+        )
 
 
 def test_weights_from_a_state_dict_file(tmp_path):
@@ -100,8 +115,11 @@ def test_bad_weights_path_and_mismatched_file(tmp_path):
     with pytest.raises(ModelError, match="train.weights: 'nope.pt' is neither 'imagenet', 'none' nor an existing"):
         load_torchvision("resnet18", "nope.pt")
     torch.save(models.get_model("resnet34", weights=None).state_dict(), tmp_path / "r34.pt")
-    with pytest.raises(ModelError, match=r"train.weights: .*r34.pt does not fit resnet18: 96 tensors missing, unexpected or of another shape, "
-                       r"e.g. unexpected layer1.2.conv1.weight; "):
+    with pytest.raises(
+        ModelError,
+        match=r"train.weights: .*r34.pt does not fit resnet18: 96 tensors missing, unexpected or of another shape, "
+        r"e.g. unexpected layer1.2.conv1.weight; ",
+    ):
         load_torchvision("resnet18", str(tmp_path / "r34.pt"))
 
 

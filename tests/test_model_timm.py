@@ -20,7 +20,8 @@ N_CLASSES = 37
 
 
 def fastai_head_parameters(n_features: int, n_classes: int) -> int:
-    """fastai's create_head with concat pooling: BN(2nf), Linear(2nf, 512, no bias), BN(512), Linear(512, n, no bias)."""
+    """fastai's create_head with concat pooling: BN(2nf), Linear(2nf, 512, no bias), BN(512), Linear(512, n, no
+    bias)."""
     return 2 * (2 * n_features) + 2 * n_features * 512 + 2 * 512 + 512 * n_classes
 
 
@@ -32,7 +33,11 @@ def norm_parameters(module: nn.Module) -> int:
 # timm.create_model(name, num_classes=0), whole, as fastai's TimmBody holds it.
 FASTAI_COUNTS = {
     "tf_efficientnet_lite0": (1280, 3_371_008, 42_016),
-    "convnext_tiny": (768, 27_820_128, 16_320),  # includes head.norm, which forward_features does not use (as in fastai)
+    "convnext_tiny": (
+        768,
+        27_820_128,
+        16_320,
+    ),  # includes head.norm, which forward_features does not use (as in fastai)
     "resnet18": (512, 11_176_512, 9_600),
 }
 
@@ -41,7 +46,11 @@ FASTAI_COUNTS = {
 def test_parameter_counts_and_frozen_trainable_counts_are_fastais(name):
     n_features, body_params, body_norm = FASTAI_COUNTS[name]
     reference = timm.create_model(name, num_classes=0)
-    assert (reference.num_features, sum(p.numel() for p in reference.parameters()), norm_parameters(reference)) == FASTAI_COUNTS[name]
+    assert (
+        reference.num_features,
+        sum(p.numel() for p in reference.parameters()),
+        norm_parameters(reference),
+    ) == FASTAI_COUNTS[name]
     model = build_model(f"timm/{name}", N_CLASSES)
     assert isinstance(model[0], TimmBody) and model[0].needs_pool
     total = body_params + fastai_head_parameters(n_features, N_CLASSES)
@@ -83,7 +92,9 @@ def test_a_weights_file_round_trip_gives_the_same_body_outputs(tmp_path, suffix)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model[0](x), source.forward_features(x))
-        assert not torch.equal(build_model("timm/resnet10t", 3).eval()[0](x), source.forward_features(x))  # random weights differ
+        assert not torch.equal(
+            build_model("timm/resnet10t", 3).eval()[0](x), source.forward_features(x)
+        )  # random weights differ
 
 
 def test_a_renamed_key_or_a_wrong_shape_stops_with_one_line(tmp_path):
@@ -93,12 +104,17 @@ def test_a_renamed_key_or_a_wrong_shape_stops_with_one_line(tmp_path):
     with pytest.raises(ModelError) as caught:
         build_model("timm/resnet10t", 3, weights=str(tmp_path / "renamed.pt"))
     message = str(caught.value)
-    assert "\n" not in message and message.startswith(f"train.weights: {tmp_path / 'renamed.pt'} does not fit timm/resnet10t: 2 tensors")
+    assert "\n" not in message and message.startswith(
+        f"train.weights: {tmp_path / 'renamed.pt'} does not fit timm/resnet10t: 2 tensors"
+    )
     assert "missing conv1.0.weight" in message and "unexpected stem.conv.weight" in message
     reshaped = dict(state, **{"layer1.0.conv1.weight": torch.zeros(3, 3)})
     save_file({k: v.contiguous() for k, v in reshaped.items()}, tmp_path / "reshaped.safetensors")
-    with pytest.raises(ModelError, match=r"^train.weights: .*reshaped.safetensors does not fit timm/resnet10t: 1 tensors missing, unexpected or "
-                       r"of another shape, e.g. layer1.0.conv1.weight has shape \[3, 3\], the model \[\d+, \d+, 3, 3\]"):
+    with pytest.raises(
+        ModelError,
+        match=r"^train.weights: .*reshaped.safetensors does not fit timm/resnet10t: 1 tensors missing, unexpected or "
+        r"of another shape, e.g. layer1.0.conv1.weight has shape \[3, 3\], the model \[\d+, \d+, 3, 3\]",
+    ):
         build_model("timm/resnet10t", 3, weights=str(tmp_path / "reshaped.safetensors"))
     (tmp_path / "junk.pt").write_bytes(b"not a state dict")
     with pytest.raises(ModelError, match=r"^train.weights: .*junk.pt cannot be read as a state dict"):
@@ -110,25 +126,44 @@ def test_normalize_auto_follows_the_weights(tmp_path):
     torch.save(lite.state_dict(), tmp_path / "lite0.pt")
     half = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     cases = {
-        ("timm/tf_efficientnet_lite0", str(tmp_path / "lite0.pt")): half,  # timm's pretrained_cfg, also for weights from a file
+        (
+            "timm/tf_efficientnet_lite0",
+            str(tmp_path / "lite0.pt"),
+        ): half,  # timm's pretrained_cfg, also for weights from a file
         ("timm/tf_efficientnet_lite0", "none"): IMAGENET,  # random weights: ImageNet statistics
         ("timm/convnext_tiny", "none"): IMAGENET,
         ("resnet18", "none"): IMAGENET,
     }
     for (arch, weights), expected in cases.items():
         model = build_model(arch, 3, weights=weights)
-        assert resolve_normalization("auto", weights=weights, pretrained=model.pretrained_normalization) == expected, (arch, weights)
+        assert resolve_normalization("auto", weights=weights, pretrained=model.pretrained_normalization) == expected, (
+            arch,
+            weights,
+        )
     assert build_model("timm/convnext_tiny", 3).pretrained_normalization == IMAGENET
     assert resolve_normalization("imagenet", weights="x.pt", pretrained=half) == IMAGENET
-    assert resolve_normalization(((0.1, 0.2, 0.3), (1.0, 2.0, 3.0)), weights="none", pretrained=half) == Normalization((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+    assert resolve_normalization(((0.1, 0.2, 0.3), (1.0, 2.0, 3.0)), weights="none", pretrained=half) == Normalization(
+        (0.1, 0.2, 0.3), (1.0, 2.0, 3.0)
+    )
 
 
 def test_unknown_names_and_tags_name_close_matches_from_both_libraries():
-    with pytest.raises(ModelError, match=r"^train.arch: 'timm/convnext_tiy' is not a timm model; close matches: convnext_tiny, .*timm/convnext_tiny"):
+    with pytest.raises(
+        ModelError,
+        match=r"^train.arch: 'timm/convnext_tiy' is not a timm model; close matches: convnext_tiny, "
+        r".*timm/convnext_tiny",
+    ):
         build_model("timm/convnext_tiy", 3)
-    with pytest.raises(ModelError, match=r"^train.arch: 'resnt18' is not a torchvision classification model; close matches: resnet18, .*timm/resnet18"):
+    with pytest.raises(
+        ModelError,
+        match=r"^train.arch: 'resnt18' is not a torchvision classification model; close matches: resnet18, "
+        r".*timm/resnet18",
+    ):
         build_model("resnt18", 3)
-    with pytest.raises(ModelError, match=r"^train.arch: 'timm/convnext_tiny.in1k_nope': .*Names with pretrained weights: timm/convnext_tiny\."):
+    with pytest.raises(
+        ModelError,
+        match=r"^train.arch: 'timm/convnext_tiny.in1k_nope': .*Names with pretrained weights: timm/convnext_tiny\.",
+    ):
         build_model("timm/convnext_tiny.in1k_nope", 3)
 
 
@@ -137,5 +172,8 @@ def test_imagenet_weights_offline_name_the_file_form_as_the_fix():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode != 0 and "ModelError: train.weights: timm's pretrained weights for resnet10t could not be downloaded" in last
+    assert (
+        result.returncode != 0
+        and "ModelError: train.weights: timm's pretrained weights for resnet10t could not be downloaded" in last
+    )
     assert "set train.weights to a state-dict file" in last

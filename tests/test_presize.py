@@ -49,8 +49,14 @@ def dataset(tmp_path: Path) -> tuple[Path, list[tuple[str, int, str]]]:
     truncated_jpeg(root / "img/cut.jpg")
     (root / "img/text.jpg").write_text("not an image\n")
     noisy(2, 24, 36).save(root / "img/noisy2.jpg")
-    items = [("img/wide.png", 0, "train"), ("img/cut.jpg", 1, "train"), ("img/tall.png", 1, "valid"),
-             ("img/noisy.jpg", 2, "train"), ("img/text.jpg", 0, "valid"), ("img/noisy2.jpg", 2, "valid")]  # fmt: skip
+    items = [
+        ("img/wide.png", 0, "train"),
+        ("img/cut.jpg", 1, "train"),
+        ("img/tall.png", 1, "valid"),
+        ("img/noisy.jpg", 2, "train"),
+        ("img/text.jpg", 0, "valid"),
+        ("img/noisy2.jpg", 2, "valid"),
+    ]
     return root, items
 
 
@@ -64,7 +70,12 @@ def test_store_round_trips_labels_splits_paths_and_pixels(dataset, tmp_path):
     assert (result.n_images, result.n_skipped) == (4, 2)
     store = PresizedStore(tmp_path / "store")
     assert store.size == 16 and len(store) == 4
-    assert store.paths == ["img/wide.png", "img/tall.png", "img/noisy.jpg", "img/noisy2.jpg"]  # input order, minus skipped
+    assert store.paths == [
+        "img/wide.png",
+        "img/tall.png",
+        "img/noisy.jpg",
+        "img/noisy2.jpg",
+    ]  # input order, minus skipped
     assert store.labels.tolist() == [0, 1, 2, 2]
     assert store.indices("train").tolist() == [0, 2] and store.indices("valid").tolist() == [1, 3]
     for i, path in enumerate(store.paths):
@@ -100,7 +111,12 @@ def test_shorter_side_is_size_and_aspect_is_kept(dataset):
 
 @pytest.mark.parametrize(
     "mode, value, expected",
-    [("RGBA", (10, 200, 30, 128), (10, 200, 30)), ("L", 100, (100, 100, 100)), ("P", 1, BLUE), ("LA", (50, 255), (50, 50, 50))],
+    [
+        ("RGBA", (10, 200, 30, 128), (10, 200, 30)),
+        ("L", 100, (100, 100, 100)),
+        ("P", 1, BLUE),
+        ("LA", (50, 255), (50, 50, 50)),
+    ],
 )
 def test_modes_are_stored_as_rgb(tmp_path, mode, value, expected):
     img = Image.new(mode, (20, 24), value)

@@ -20,7 +20,18 @@ from petpipe import report_build as rb
 from petpipe import report_figures as rf
 from petpipe.report import DataInfo
 
-SECTIONS = ["run", "data", "batch", "curves", "lr-finder", "metrics", "confusion", "most-confused", "top-losses", "per-class"]
+SECTIONS = [
+    "run",
+    "data",
+    "batch",
+    "curves",
+    "lr-finder",
+    "metrics",
+    "confusion",
+    "most-confused",
+    "top-losses",
+    "per-class",
+]
 FIGURES = {"show_batch", "class_counts", "curves", "lr_find", "confusion", "confusion_normalised", "top_losses"}
 TABLES = {"per_class", "most_confused", "confusion", "class_counts", "top_losses"}
 
@@ -40,14 +51,30 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_37_classes_every_section_in_order(pets_run):
     page = (pets_run / PATHS["report"]).read_text()
     assert re.findall(r'<section id="([^"]+)">', page) == SECTIONS
-    for heading in ("Training curves", "Learning-rate finder", "Confusion matrix", "Most confused", "Top 9 losses", "Per-class metrics"):
+    for heading in (
+        "Training curves",
+        "Learning-rate finder",
+        "Confusion matrix",
+        "Most confused",
+        "Top 9 losses",
+        "Per-class metrics",
+    ):
         assert f"<h2>{heading}" in page
     assert page.count('src="data:image/png;base64,') == len(FIGURES)  # every figure inlined, nothing else loaded
     assert not re.search(r'(src|href)="(?!data:|#)', page) and str(pets_run) not in page
     assert "Prediction/Actual/Loss/Probability" not in page  # it is drawn in the figure; the page explains the titles
-    assert "top-5 accuracy" in page and page.count('<table class="sortable">') == 4  # counts, skipped, most confused, per class
-    assert "images/Egyptian_Mau_14.jpg" in page and "truncated or corrupt image" in page and "2</b> files skipped (1 by labels, 1 by presize)" in page
-    assert f"<td>finetune.epochs</td><td>{FINETUNE_EPOCHS}</td><td>2</td>" in page and "<code>profiles/pets.yaml</code>, the closest profile" in page
+    assert (
+        "top-5 accuracy" in page and page.count('<table class="sortable">') == 4
+    )  # counts, skipped, most confused, per class
+    assert (
+        "images/Egyptian_Mau_14.jpg" in page
+        and "truncated or corrupt image" in page
+        and "2</b> files skipped (1 by labels, 1 by presize)" in page
+    )
+    assert (
+        f"<td>finetune.epochs</td><td>{FINETUNE_EPOCHS}</td><td>2</td>" in page
+        and "<code>profiles/pets.yaml</code>, the closest profile" in page
+    )
     assert "train_frozen</code> epochs 1&ndash;4; then <code>finetune</code> epochs 5&ndash;7" in page
     assert all(f"<td>{breed}</td>" in page for breed in PET_BREEDS)
 
@@ -57,7 +84,9 @@ def test_37_classes_files_behind_the_page(pets_run):
     assert {p.name for p in out.iterdir()} == {f"{f}.png" for f in FIGURES} | {f"{t}.csv" for t in TABLES}
     predictions = read_csv(pets_run / PATHS["predictions"])
     assert len(predictions) == 37 * 6 and list(predictions[0]) == ["path", "actual", "predicted", "probability", "loss"]
-    assert {r["actual"] for r in predictions} == set(PET_BREEDS) and {r["predicted"] for r in predictions} <= set(PET_BREEDS)
+    assert {r["actual"] for r in predictions} == set(PET_BREEDS) and {r["predicted"] for r in predictions} <= set(
+        PET_BREEDS
+    )
     support = {r["class"]: int(r["support"]) for r in read_csv(out / "per_class.csv")}
     assert support == Counter(r["actual"] for r in predictions)
     metrics = json.loads((pets_run / PATHS["report_metrics"]).read_text())
@@ -72,22 +101,33 @@ def test_37_classes_summary_md(pets_run):
     summary = (pets_run / PATHS["summary"]).read_text()
     metrics = json.loads((pets_run / PATHS["report_metrics"]).read_text())
     assert summary.startswith("# petpipe report: resnet34 on 37 classes\n")
-    assert f"| accuracy | {metrics['accuracy']:.4f} |" in summary and f"| top-5 accuracy | {metrics['top_5_accuracy']:.4f} |" in summary
+    assert (
+        f"| accuracy | {metrics['accuracy']:.4f} |" in summary
+        and f"| top-5 accuracy | {metrics['top_5_accuracy']:.4f} |" in summary
+    )
     pairs = re.findall(r"^\| (\w+) \| (\w+) \| (\d+) \|$", summary, re.M)
     assert len(pairs) == 5 and pairs[0] == ("american_bulldog", "american_pit_bull_terrier", "3")
-    assert "## Params that differ from profiles/pets.yaml" in summary and f"| finetune.epochs | {FINETUNE_EPOCHS} | 2 |" in summary
+    assert (
+        "## Params that differ from profiles/pets.yaml" in summary
+        and f"| finetune.epochs | {FINETUNE_EPOCHS} | 2 |" in summary
+    )
 
 
 def test_every_figure_is_a_dvc_image_plot():
-    """dvc.yaml's `plots:` names each report PNG (so `dvc plots show/diff` render them) and predictions.csv as a confusion plot."""
+    """dvc.yaml's `plots:` names each report PNG (so `dvc plots show/diff` render them) and predictions.csv as a
+    confusion plot."""
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     paths = pipeline["vars"][0]["paths"]
-    images = {p.replace("${paths.interpretation}", paths["interpretation"]) for p in pipeline["plots"] if isinstance(p, str)}
+    images = {
+        p.replace("${paths.interpretation}", paths["interpretation"]) for p in pipeline["plots"] if isinstance(p, str)
+    }
     assert images == {f"{paths['interpretation']}/{f}.png" for f in FIGURES}
     templates = {next(iter(p)): p[next(iter(p))].get("template") for p in pipeline["plots"] if isinstance(p, dict)}
     assert templates["confusion"] == "confusion" and templates["confusion_normalized"] == "confusion_normalized"
     report_outs = [next(iter(o)) if isinstance(o, dict) else o for o in pipeline["stages"]["report"]["outs"]]
-    assert {"${paths.predictions}", "${paths.summary}", "${paths.interpretation}", "${paths.report}"} <= set(report_outs)
+    assert {"${paths.predictions}", "${paths.summary}", "${paths.interpretation}", "${paths.report}"} <= set(
+        report_outs
+    )
 
 
 def test_many_classes_get_the_most_confused_view_and_a_counts_table():
@@ -98,27 +138,52 @@ def test_many_classes_get_the_most_confused_view_and_a_counts_table():
     figures = rb.confusion_figures(cm, classes)
     assert set(figures) == {"confusion", "confusion_normalised"}
     note = rp.confusion_section(figures, n)
-    assert f"{n} classes are too many" in note and f"the {rp.CONFUSED_VIEW_CLASSES} classes with the most errors" in note
+    assert (
+        f"{n} classes are too many" in note and f"the {rp.CONFUSED_VIEW_CLASSES} classes with the most errors" in note
+    )
     counts = [{"class": c, "train": 10 + i, "valid": 3} for i, c in enumerate(classes)]
-    data = rp.data_section(DataInfo(counts=counts, skipped=[], batch=np.zeros((0, 8, 8, 3), np.uint8), batch_labels=[]), chart=b"")
+    data = rp.data_section(
+        DataInfo(counts=counts, skipped=[], batch=np.zeros((0, 8, 8, 3), np.uint8), batch_labels=[]), chart=b""
+    )
     assert "<img" not in data and '<table class="sortable">' in data and "No files were skipped" in data
     assert data.index("class_44") < data.index("class_00")  # most images first
 
 
 def test_closest_profile_is_the_one_with_fewest_differences():
     run = {"a": 1, "b": 0.01, "c": (1e-3, 1e-2)}
-    profiles = {"p2": {"a": 1, "b": 0.02, "c": (1e-3, 1e-2)}, "p1": {"a": 2, "b": 0.02, "c": (1e-3, 1e-2)}, "p0": {"a": 2, "b": 0.03, "c": "auto"}}
+    profiles = {
+        "p2": {"a": 1, "b": 0.02, "c": (1e-3, 1e-2)},
+        "p1": {"a": 2, "b": 0.02, "c": (1e-3, 1e-2)},
+        "p0": {"a": 2, "b": 0.03, "c": "auto"},
+    }
     assert rp.closest_profile(run, profiles) == ("p2", [("b", "0.01", "0.02")])
-    assert rp.closest_profile(run, {"y": {"a": 1, "b": 0.01, "c": "auto"}, "x": {"a": 1, "b": 0.01, "c": "auto"}})[0] == "x"  # tie: first name
+    assert (
+        rp.closest_profile(run, {"y": {"a": 1, "b": 0.01, "c": "auto"}, "x": {"a": 1, "b": 0.01, "c": "auto"}})[0]
+        == "x"
+    )  # tie: first name
     assert rp.closest_profile(run, {}) == ("", [])
-    assert [rp.show(v) for v in (None, True, 1e-7, 10.0, (1e-3, 1e-2), "auto")] == ["null", "true", "1e-07", "10", "[0.001, 0.01]", "auto"]
+    assert [rp.show(v) for v in (None, True, 1e-7, 10.0, (1e-3, 1e-2), "auto")] == [
+        "null",
+        "true",
+        "1e-07",
+        "10",
+        "[0.001, 0.01]",
+        "auto",
+    ]
 
 
 def test_figures_are_byte_reproducible():
-    curves = {"train_frozen": [{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.9, "accuracy": 0.5}],
-              "finetune": [{"epoch": 1, "train_loss": 0.5, "valid_loss": 0.4, "accuracy": 0.8}]}  # fmt: skip
+    curves = {
+        "train_frozen": [{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.9, "accuracy": 0.5}],
+        "finetune": [{"epoch": 1, "train_loss": 0.5, "valid_loss": 0.4, "accuracy": 0.8}],
+    }
     first = rf.curves_figure(curves)
-    assert first == rf.curves_figure(curves) and first.startswith(b"\x89PNG") and b"Software" not in first and b"Matplotlib" not in first
+    assert (
+        first == rf.curves_figure(curves)
+        and first.startswith(b"\x89PNG")
+        and b"Software" not in first
+        and b"Matplotlib" not in first
+    )
 
 
 def test_report_stage_on_a_tiny_store(presized_store, tmp_path, monkeypatch, mlflow_store):
@@ -133,22 +198,71 @@ def test_report_stage_on_a_tiny_store(presized_store, tmp_path, monkeypatch, mlf
     raw["train"].update(size=16, batch_size=12)
     raw["report"]["top_losses"] = 4
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    save_checkpoint(tmp_path / "final.pt", build_model("resnet18", len(classes)), meta={"arch": "resnet18", "classes": classes, "size": 16})
-    row = {"epoch": 1, "train_loss": 1.0, "valid_loss": 1.1, "accuracy": 0.4, "error_rate": 0.6, "epoch_seconds": 2.0, "train_images_per_s": 18.0}
+    save_checkpoint(
+        tmp_path / "final.pt",
+        build_model("resnet18", len(classes)),
+        meta={"arch": "resnet18", "classes": classes, "size": 16},
+    )
+    row = {
+        "epoch": 1,
+        "train_loss": 1.0,
+        "valid_loss": 1.1,
+        "accuracy": 0.4,
+        "error_rate": 0.6,
+        "epoch_seconds": 2.0,
+        "train_images_per_s": 18.0,
+    }
     write_rows(tmp_path / "frozen.csv", [row])
     write_rows(tmp_path / "finetune.csv", [row, {**row, "epoch": 2}])
     write_rows(tmp_path / "lr_find.csv", [{"lr": 10 ** (k / 4 - 6), "loss": 1.5 - k / 40} for k in range(20)])
-    write_json(tmp_path / "lr_find.json", {"valley": 1e-4, "minimum": 1e-3, "steep": 3e-5, "auto_max_lr_lo": 1e-6, "auto_max_lr_hi": 1e-4, "iterations": 20})
+    write_json(
+        tmp_path / "lr_find.json",
+        {
+            "valley": 1e-4,
+            "minimum": 1e-3,
+            "steep": 3e-5,
+            "auto_max_lr_lo": 1e-6,
+            "auto_max_lr_hi": 1e-4,
+            "iterations": 20,
+        },
+    )
     write_json(tmp_path / "chosen.json", {"lo": 1e-3, "hi": 1e-2, "source": "finetune.max_lr"})
     (tmp_path / "skipped.csv").write_text("path,reason\nnotes.txt,no label\n")
     out = tmp_path / "out"
 
     def run_stage() -> dict[str, bytes]:
-        argv = ["--params", str(tmp_path / "params.yaml"), "--presized", str(presized_store), "--labels-skipped", str(tmp_path / "skipped.csv"),
-                "--final", str(tmp_path / "final.pt"), "--frozen-curve", str(tmp_path / "frozen.csv"), "--finetune-curve", str(tmp_path / "finetune.csv"),
-                "--lr-find-curve", str(tmp_path / "lr_find.csv"), "--lr-find-result", str(tmp_path / "lr_find.json"), "--chosen-lr", str(tmp_path / "chosen.json"),
-                "--profiles", str(ROOT / "profiles"), "--out-dir", str(out / "interpretation"), "--predictions", str(out / "predictions.csv"),
-                "--html-path", str(out / "report.html"), "--summary", str(out / "summary.md"), "--metrics", str(out / "report.json")]  # fmt: skip
+        argv = [
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--presized",
+            str(presized_store),
+            "--labels-skipped",
+            str(tmp_path / "skipped.csv"),
+            "--final",
+            str(tmp_path / "final.pt"),
+            "--frozen-curve",
+            str(tmp_path / "frozen.csv"),
+            "--finetune-curve",
+            str(tmp_path / "finetune.csv"),
+            "--lr-find-curve",
+            str(tmp_path / "lr_find.csv"),
+            "--lr-find-result",
+            str(tmp_path / "lr_find.json"),
+            "--chosen-lr",
+            str(tmp_path / "chosen.json"),
+            "--profiles",
+            str(ROOT / "profiles"),
+            "--out-dir",
+            str(out / "interpretation"),
+            "--predictions",
+            str(out / "predictions.csv"),
+            "--html-path",
+            str(out / "report.html"),
+            "--summary",
+            str(out / "summary.md"),
+            "--metrics",
+            str(out / "report.json"),
+        ]
         assert report_stage().main(argv) == 0
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
@@ -156,14 +270,22 @@ def test_report_stage_on_a_tiny_store(presized_store, tmp_path, monkeypatch, mlf
     monkeypatch.setenv("PETPIPE_EXECUTION", "report-test")
     first = run_stage()
     assert run_stage() == first  # a forced re-run writes the same bytes: no timestamps, no run ids
-    assert set(first) == {"report.html", "summary.md", "predictions.csv", "report.json"} | {f"interpretation/{f}.png" for f in FIGURES} | {
-        f"interpretation/{t}.csv" for t in TABLES
-    }
+    assert set(first) == {"report.html", "summary.md", "predictions.csv", "report.json"} | {
+        f"interpretation/{f}.png" for f in FIGURES
+    } | {f"interpretation/{t}.csv" for t in TABLES}
     page = first["report.html"].decode()
     assert re.findall(r'<section id="([^"]+)">', page) == SECTIONS and "top-5" not in page  # 3 classes: no top-5
-    assert "notes.txt" in page and "Exactly the profile" not in page and "<code>profiles/digits.yaml</code>, the closest profile" in page
+    assert (
+        "notes.txt" in page
+        and "Exactly the profile" not in page
+        and "<code>profiles/digits.yaml</code>, the closest profile" in page
+    )
     predictions = list(csv.DictReader(first["predictions.csv"].decode().splitlines()))
-    assert len(predictions) == 12 and {r["actual"] for r in predictions} == set(classes) and predictions[0]["path"].startswith("valid/")
+    assert (
+        len(predictions) == 12
+        and {r["actual"] for r in predictions} == set(classes)
+        and predictions[0]["path"].startswith("valid/")
+    )
     metrics = json.loads(first["report.json"])
     assert set(metrics) == {"valid_loss", "accuracy", "error_rate"}
     from mlflow.tracking import MlflowClient
@@ -172,23 +294,37 @@ def test_report_stage_on_a_tiny_store(presized_store, tmp_path, monkeypatch, mlf
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`petpipe.stage` = 'report'")
     assert len(runs) == 2  # one per execution of the stage
     logged = runs[0]
-    assert logged.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"]) and logged.data.metrics["report_seconds"] > 0
-    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)} | {a.path for a in client.list_artifacts(logged.info.run_id, "interpretation")}
+    assert (
+        logged.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+        and logged.data.metrics["report_seconds"] > 0
+    )
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)} | {
+        a.path for a in client.list_artifacts(logged.info.run_id, "interpretation")
+    }
     assert {"report.html", "summary.md", "predictions.csv", "interpretation/show_batch.png"} <= artifacts
     assert logged.data.params["train.arch"] == "resnet18" and "train.num_workers" not in logged.data.params
 
 
-
 def test_the_lr_finder_section_shows_lr_finds_warning_and_no_suggestions():
-    lr = rp.LrInfo(lrs=[1e-7, 2e-7], losses=[0.01, 0.4], suggestions={}, lo=1e-3, hi=1e-2, source="finetune.max_lr", frozen_lr=1e-2,
-                   group_lrs=[1e-3, 1e-2], warning="lr_find: only 2 points before the loss diverged, too few to suggest an LR")  # fmt: skip
+    lr = rp.LrInfo(
+        lrs=[1e-7, 2e-7],
+        losses=[0.01, 0.4],
+        suggestions={},
+        lo=1e-3,
+        hi=1e-2,
+        source="finetune.max_lr",
+        frozen_lr=1e-2,
+        group_lrs=[1e-3, 1e-2],
+        warning="lr_find: only 2 points before the loss diverged, too few to suggest an LR",
+    )
     html = rp.lr_section(b"png", lr)
     assert "<b>Warning:</b> lr_find: only 2 points before the loss diverged" in html and "valley" not in html
     assert "<b>Warning:</b>" not in rp.lr_section(b"png", rp.LrInfo(**{**lr.__dict__, "warning": None}))
 
 
 def test_show_batch_undoes_the_models_own_normalisation():
-    """A batch normalised at mean = std = 0.5 comes back as the pixels it was made from (not as ImageNet-undone colours)."""
+    """A batch normalised at mean = std = 0.5 comes back as the pixels it was made from (not as ImageNet-undone
+    colours)."""
     import torch
 
     from petpipe.augment import normalize

@@ -18,9 +18,21 @@ from synthetic_report import PATHS, PET_BREEDS, write_synthetic_run
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
-    reason="needs Debian's chromium and chromium-driver on PATH (apt-get install -y chromium chromium-driver; .ci/run installs them)",
+    reason="needs Debian's chromium and chromium-driver on PATH (apt-get install -y chromium chromium-driver; "
+    ".ci/run installs them)",
 )
-SECTIONS = ["run", "data", "batch", "curves", "lr-finder", "metrics", "confusion", "most-confused", "top-losses", "per-class"]
+SECTIONS = [
+    "run",
+    "data",
+    "batch",
+    "curves",
+    "lr-finder",
+    "metrics",
+    "confusion",
+    "most-confused",
+    "top-losses",
+    "per-class",
+]
 LOCAL = ("file://", "data:")  # the only requests a page opened from a file may make
 DVC_ENV = stage_env(DVC_NO_ANALYTICS="1")
 
@@ -32,11 +44,23 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM  # never let anything download a browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1280,900"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+        "--window-size=1280,900",
+    ):
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})  # every request, every console message
+    options.set_capability(
+        "goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"}
+    )  # every request, every console message
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.set_network_conditions(offline=True, latency=0, download_throughput=0, upload_throughput=0)
@@ -65,7 +89,9 @@ def open_file(driver, path) -> list[str]:
 
 
 def images_decoded(driver) -> list[tuple[str, bool, int]]:
-    return driver.execute_script("return [...document.images].map((i) => [i.alt || i.src.slice(-40), i.complete, i.naturalWidth])")
+    return driver.execute_script(
+        "return [...document.images].map((i) => [i.alt || i.src.slice(-40), i.complete, i.naturalWidth])"
+    )
 
 
 def screenshot(driver, path) -> None:
@@ -82,7 +108,9 @@ def column(driver, table, index: int) -> list[str]:
 
 def test_report_page_offline(browser, pets_run):
     requests = open_file(browser, pets_run / PATHS["report"])
-    assert requests and all(url.startswith(LOCAL) for url in requests), [u[:80] for u in requests if not u.startswith(LOCAL)]
+    assert requests and all(url.startswith(LOCAL) for url in requests), [
+        u[:80] for u in requests if not u.startswith(LOCAL)
+    ]
     images = images_decoded(browser)
     assert len(images) == 7 and all(complete and width > 0 for _, complete, width in images), images
     assert [s.get_attribute("id") for s in browser.find_elements("css selector", "body > section")] == SECTIONS
@@ -92,7 +120,11 @@ def test_report_page_offline(browser, pets_run):
     f1 = headers.index("f1")
     table.find_elements("css selector", "thead th button")[f1].click()
     ascending = [float(v) for v in column(browser, table, f1)]
-    assert ascending == sorted(ascending) and len(ascending) == 37 and ascending != [float(v) for v in sorted(ascending, reverse=True)]
+    assert (
+        ascending == sorted(ascending)
+        and len(ascending) == 37
+        and ascending != [float(v) for v in sorted(ascending, reverse=True)]
+    )
     assert table.find_elements("css selector", "thead th")[f1].get_attribute("aria-sort") == "ascending"
     table.find_elements("css selector", "thead th button")[f1].click()
     assert [float(v) for v in column(browser, table, f1)] == sorted(ascending, reverse=True)
@@ -101,11 +133,14 @@ def test_report_page_offline(browser, pets_run):
 
 
 def dvc_repo(root) -> None:
-    """``root`` as a DVC repository (no git) with this project's dvc.yaml, plots template and its .dvc/config setting."""
+    """``root`` as a DVC repository (no git) with this project's dvc.yaml, plots template and its .dvc/config
+    setting."""
     subprocess.run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd=root, env=DVC_ENV, check=True)
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(ROOT / "assets" / "vega", root / "assets" / "vega")
-    shutil.copytree(ROOT / ".dvc" / "plots", root / ".dvc" / "plots")  # custom templates (log_x: the LR finder's log-scale axis)
+    shutil.copytree(
+        ROOT / ".dvc" / "plots", root / ".dvc" / "plots"
+    )  # custom templates (log_x: the LR finder's log-scale axis)
     config = configparser.ConfigParser()
     config.read(ROOT / ".dvc" / "config")
     assert config["plots"]["html_template"] == "../assets/vega/plots.html"  # relative to .dvc/
@@ -117,7 +152,9 @@ def dvc_repo(root) -> None:
 def test_dvc_plots_page_draws_offline(browser, pets_run):
     dvc_repo(pets_run)
     out = pets_run / "dvc_plots"
-    result = subprocess.run([str(BIN / "dvc"), "plots", "show", "-o", str(out)], cwd=pets_run, env=DVC_ENV, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(BIN / "dvc"), "plots", "show", "-o", str(out)], cwd=pets_run, env=DVC_ENV, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     page = (out / "index.html").read_text()
     assert "cdn.jsdelivr" not in page and "vegaEmbed" in page
@@ -128,9 +165,14 @@ def test_dvc_plots_page_draws_offline(browser, pets_run):
     assert all(url.startswith(LOCAL) for url in requests), [u[:80] for u in requests if not u.startswith(LOCAL)]
     from selenium.webdriver.support.wait import WebDriverWait
 
-    drawn = "return [...arguments[0]].map((id) => { const c = document.querySelector(`#${id} canvas`); return c ? c.width : 0; })"
+    drawn = (
+        "return [...arguments[0]].map((id) => "
+        "{ const c = document.querySelector(`#${id} canvas`); return c ? c.width : 0; })"
+    )
     WebDriverWait(browser, 30).until(lambda d: all(width > 0 for width in d.execute_script(drawn, charts)))
     images = images_decoded(browser)
-    assert len(images) == sum(isinstance(p, str) for p in plots) and all(complete and width > 0 for _, complete, width in images), images
+    assert len(images) == sum(isinstance(p, str) for p in plots) and all(
+        complete and width > 0 for _, complete, width in images
+    ), images
     assert not [m for m in browser.get_log("browser") if m["level"] == "SEVERE"]
     screenshot(browser, pets_run / "dvc_plots.png")

@@ -35,8 +35,18 @@ def params(tmp_path, mlflow_store) -> Path:
 
 
 def stage_args(params: Path, store: Path, out: Path) -> list[str]:
-    return ["--params", str(params), "--presized", str(store), "--checkpoint", str(out / "stage1.pt"),
-            "--metrics", str(out / "metrics.json"), "--plot", str(out / "curve.csv")]  # fmt: skip
+    return [
+        "--params",
+        str(params),
+        "--presized",
+        str(store),
+        "--checkpoint",
+        str(out / "stage1.pt"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--plot",
+        str(out / "curve.csv"),
+    ]
 
 
 def results(out: Path) -> tuple[dict, dict]:
@@ -48,8 +58,12 @@ def start_stage(params: Path, store: Path, out: Path, mlflow_store: str) -> subp
     out.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [sys.executable, str(ROOT / "stages/train_frozen.py"), *stage_args(params, store, out)],
-        cwd=out, env=stage_env(MLFLOW_TRACKING_URI=mlflow_store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=out,
+        env=stage_env(MLFLOW_TRACKING_URI=mlflow_store),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -72,7 +86,9 @@ def uninterrupted(params, presized_store, tmp_path, monkeypatch, mlflow_store):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_a_killed_stage_resumes_and_matches_an_uninterrupted_run(sig, params, presized_store, tmp_path, mlflow_store, uninterrupted):
+def test_a_killed_stage_resumes_and_matches_an_uninterrupted_run(
+    sig, params, presized_store, tmp_path, mlflow_store, uninterrupted
+):
     out = tmp_path / "interrupted"
     proc = start_stage(params, presized_store, out, mlflow_store)
     state = out / ".dvc/tmp/resume/train_frozen.pt"
@@ -84,20 +100,28 @@ def test_a_killed_stage_resumes_and_matches_an_uninterrupted_run(sig, params, pr
     assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), log
     if sig == signal.SIGTERM:
         assert "interrupted: no output was written as complete" in log
-    assert not (out / "metrics.json").exists() and not (out / "stage1.pt").exists()  # nothing half-written looks complete
+    assert (
+        not (out / "metrics.json").exists() and not (out / "stage1.pt").exists()
+    )  # nothing half-written looks complete
     assert state.exists()
 
     resumed = subprocess.run(
         [sys.executable, str(ROOT / "stages/train_frozen.py"), *stage_args(params, presized_store, out)],
-        cwd=out, env=stage_env(MLFLOW_TRACKING_URI=mlflow_store), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=out,
+        env=stage_env(MLFLOW_TRACKING_URI=mlflow_store),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after = int(resumed.stdout.split("resume: continuing after epoch ")[1].split()[0])
     assert 1 <= after < EPOCHS
     metrics, weights = results(out)
     assert metrics == uninterrupted[0]
     assert all(torch.equal(weights[k], uninterrupted[1][k]) for k in weights)
-    assert len((out / "curve.csv").read_text().splitlines()) == EPOCHS + 1  # every epoch in the curves, including those before the kill
+    assert (
+        len((out / "curve.csv").read_text().splitlines()) == EPOCHS + 1
+    )  # every epoch in the curves, including those before the kill
     assert not state.exists()
 
 
@@ -112,8 +136,16 @@ def test_a_state_from_other_params_is_discarded(params, presized_store, tmp_path
     params.write_text(yaml.safe_dump(raw))
     rerun = subprocess.run(
         [sys.executable, str(ROOT / "stages/train_frozen.py"), *stage_args(params, presized_store, out)],
-        cwd=out, env=stage_env(MLFLOW_TRACKING_URI=mlflow_store), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=out,
+        env=stage_env(MLFLOW_TRACKING_URI=mlflow_store),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "discarding" in rerun.stderr and "written for other params or inputs" in rerun.stderr and "continuing" not in rerun.stdout
+    assert (
+        "discarding" in rerun.stderr
+        and "written for other params or inputs" in rerun.stderr
+        and "continuing" not in rerun.stdout
+    )
     assert len((out / "curve.csv").read_text().splitlines()) == 3

@@ -23,7 +23,11 @@ def classifier(presized_store, tmp_path_factory) -> ImageClassifier:
     torch.manual_seed(0)
     classes = PresizedStore(presized_store).classes
     checkpoint = tmp_path_factory.mktemp("serving") / "final.pt"
-    save_checkpoint(checkpoint, build_model("resnet18", len(classes), weights="none"), meta={"arch": "resnet18", "classes": classes, "size": 16})
+    save_checkpoint(
+        checkpoint,
+        build_model("resnet18", len(classes), weights="none"),
+        meta={"arch": "resnet18", "classes": classes, "size": 16},
+    )
     return ImageClassifier(checkpoint, presize_size=PresizedStore(presized_store).size)
 
 
@@ -31,7 +35,10 @@ def test_the_example_keeps_a_batch_of_two_with_one_validation_image(presized_sto
     two = example_input(PresizedStore(presized_store), count=2)["image"]
     assert len(two) == 2 and two.iloc[0] != two.iloc[1]  # two distinct images when the store has them
     frame = example_input(PresizedStore(presized_store), count=len(PresizedStore(presized_store).indices("valid")) + 3)
-    assert len(frame) == len(PresizedStore(presized_store).indices("valid")) + 3 and frame["image"].iloc[-1] == frame["image"].iloc[0]
+    assert (
+        len(frame) == len(PresizedStore(presized_store).indices("valid")) + 3
+        and frame["image"].iloc[-1] == frame["image"].iloc[0]
+    )
 
 
 def test_paths_bytes_and_base64_with_line_breaks_give_the_same_answer(classifier, presized_store):
@@ -64,7 +71,9 @@ def test_a_wide_photo_is_cut_to_its_centre_square_as_in_validation(classifier, t
 
     rng = np.random.default_rng(0)
     path = tmp_path / "wide.png"
-    Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)).save(path)  # 20 x 50: the presize store would keep 24 x 60
+    Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)).save(
+        path
+    )  # 20 x 50: the presize store would keep 24 x 60
     presized = decode_presized(path, classifier.presize_size)
     assert presized.shape[:2] == (24, 60)
     centre = presized[:, 18:42]  # (60 - 24) / 2 = 18 columns cut on each side

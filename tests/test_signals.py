@@ -1,4 +1,5 @@
-"""A stop signal inside ``deferred_stop`` (the tracking code's store writes) waits for the block's end; a second one does not."""
+"""A stop signal inside ``deferred_stop`` (the tracking code's store writes) waits for the block's end; a second one
+does not."""
 
 from __future__ import annotations
 
@@ -41,4 +42,3 @@ def test_nested_blocks_raise_once_the_outermost_ends():
                 sum(range(1000))
             steps.append("after the inner block")
     assert steps == ["after the inner block"]
-

@@ -34,7 +34,7 @@ def full_disk_under_a_library(cfg, *, out):
     try:
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "artifact.bin"))
     except OSError:
-        raise RuntimeError("a library's wrapper of the error")  # as torch.save does
+        raise RuntimeError("a library's wrapper of the error")  # noqa: B904 (as torch.save does: implicit chaining)
 
 
 def full_disk_in_a_copy(cfg, *, out):  # shutil.copyfile names the source first, the file it was writing second

@@ -32,7 +32,9 @@ def code_mismatch(stage: str, script: Path) -> str:
     actual = {f"stages/{stage}.py"} | {p.relative_to(ROOT).as_posix() for p in project_files(script) if p != script}
     declared = declared_code(stage)
     missing, extra = sorted(actual - declared), sorted(declared - actual)
-    return "" if not (missing or extra) else f"dvc.yaml stage {stage!r}: add to deps {missing}, remove from deps {extra}"
+    return (
+        "" if not (missing or extra) else f"dvc.yaml stage {stage!r}: add to deps {missing}, remove from deps {extra}"
+    )
 
 
 def params_mismatch(stage: str, script: Path, declared_in_script: tuple[str, ...]) -> str:
@@ -40,9 +42,14 @@ def params_mismatch(stage: str, script: Path, declared_in_script: tuple[str, ...
     declared = set(PIPELINE["stages"][stage].get("params", []))
     problems = []
     if read != declared:
-        problems.append(f"dvc.yaml stage {stage!r} params: add {sorted(read - declared)}, remove {sorted(declared - read)}")
+        problems.append(
+            f"dvc.yaml stage {stage!r} params: add {sorted(read - declared)}, remove {sorted(declared - read)}"
+        )
     if read != set(declared_in_script):
-        problems.append(f"{script.name} PARAMS: add {sorted(read - set(declared_in_script))}, remove {sorted(set(declared_in_script) - read)}")
+        problems.append(
+            f"{script.name} PARAMS: add {sorted(read - set(declared_in_script))}, remove "
+            f"{sorted(set(declared_in_script) - read)}"
+        )
     return "; ".join(problems)
 
 
@@ -63,7 +70,12 @@ def test_params_are_exactly_the_keys_the_stage_reads(stage):
 def test_the_checks_fail_on_an_undeclared_import_or_param_read(tmp_path):
     script = tmp_path / "fetch.py"
     source = (ROOT / "stages/fetch.py").read_text()
-    script.write_text(source.replace("    from petpipe.fetch import fetch\n", "    from petpipe.fetch import fetch\n    from petpipe.report import img_tag\n"))
+    script.write_text(
+        source.replace(
+            "    from petpipe.fetch import fetch\n",
+            "    from petpipe.fetch import fetch\n    from petpipe.report import img_tag\n",
+        )
+    )
     assert "add to deps ['src/petpipe/report.py']" in code_mismatch("fetch", script)
     script.write_text(source.replace("result = fetch(", "print(cfg.labels.rule)\n        result = fetch("))
     assert "params: add ['labels.rule']" in params_mismatch("fetch", script, load_stage("fetch").PARAMS)

@@ -12,7 +12,9 @@ from petpipe.tracking.store import TrackingError
 
 
 def test_the_replay_command_runs_as_a_module_and_names_its_usage(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "petpipe.tracking.replay"], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "petpipe.tracking.replay"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 2 and "usage: python -m petpipe.tracking.replay .petpipe/pending/" in result.stderr
 
 

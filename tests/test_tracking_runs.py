@@ -43,7 +43,7 @@ def test_stage_run_logs_params_metrics_steps_and_artifacts_to_a_server(server_en
 def test_a_failing_stage_ends_its_run_as_failed(server_env):
     with pytest.raises(ZeroDivisionError):
         with stage_run("report", {}) as run:
-            1 / 0
+            1 / 0  # noqa: B018 (the stage's failure)
     assert MlflowClient(server_env).get_run(run.run_id).info.status == "FAILED"
     assert mlflow.active_run() is None
 
@@ -62,7 +62,9 @@ def test_default_sqlite_store_keeps_artifacts_beside_it(tmp_path, monkeypatch, m
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set_tracking_uri exports it
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         rows = db.execute("SELECT run_uuid, name FROM runs ORDER BY start_time").fetchall()
-    assert rows[1] == (run.run_id, "fetch") and rows[0][0] == run.parent_id and len(rows) == 2  # the execution's parent, then the stage
+    assert (
+        rows[1] == (run.run_id, "fetch") and rows[0][0] == run.parent_id and len(rows) == 2
+    )  # the execution's parent, then the stage
     assert (tmp_path / "mlartifacts").is_dir() and list((tmp_path / "mlartifacts").rglob("a.txt"))
 
 
@@ -97,4 +99,6 @@ def test_a_stop_during_the_store_writes_of_the_setup_ends_both_runs_killed(tmp_p
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         rows = db.execute("SELECT name, status FROM runs ORDER BY start_time").fetchall()
-    assert body == [] and len(rows) == 2 and rows[1][0] == "fetch" and {status for _, status in rows} == {"KILLED"}, rows
+    assert body == [] and len(rows) == 2 and rows[1][0] == "fetch" and {status for _, status in rows} == {"KILLED"}, (
+        rows
+    )

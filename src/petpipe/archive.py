@@ -162,4 +162,3 @@ def _what_it_is(path: Path) -> str:
     if not head:
         return " (it is empty)"
     return f" (it starts with {head[:16]!r})"
-

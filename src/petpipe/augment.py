@@ -46,7 +46,17 @@ CORNERS = ((-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0))
 # The settings are the params file's train.augment section: defined, documented and validated once, in config.
 AugmentParams = AugmentConfig
 # fastai's aug_transforms(min_scale=0.75) defaults (the pets profiles use them).
-FASTAI_DEFAULTS = dict(flip=True, max_rotate=10.0, min_zoom=1.0, max_zoom=1.1, max_warp=0.2, p_affine=0.75, min_scale=0.75, max_lighting=0.2, p_lighting=0.75)
+FASTAI_DEFAULTS = dict(
+    flip=True,
+    max_rotate=10.0,
+    min_zoom=1.0,
+    max_zoom=1.1,
+    max_warp=0.2,
+    p_affine=0.75,
+    min_scale=0.75,
+    max_lighting=0.2,
+    p_lighting=0.75,
+)
 
 
 def fastai_augment(**changes: Any) -> AugmentParams:
@@ -104,7 +114,9 @@ def draw_batch(batch_size: int, *, params: AugmentParams, generator: torch.Gener
     brightness = torch.where(_chance(n, p.p_lighting, g), change, 0.5)
     log_contrast = -math.log(1 - p.max_lighting)
     contrast = torch.where(_chance(n, p.p_lighting, g), _uniform(n, -log_contrast, log_contrast, g).exp(), 1.0)
-    return BatchDraw(flip, degrees, zoom, zoom_col, zoom_row, crop_side, crop_col, crop_row, warp_x, warp_y, brightness, contrast)
+    return BatchDraw(
+        flip, degrees, zoom, zoom_col, zoom_row, crop_side, crop_col, crop_row, warp_x, warp_y, brightness, contrast
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +265,12 @@ def to_device(values: Tensor, device: torch.device) -> Tensor:
 
 
 def train_batch(
-    images: Tensor, *, size: int, params: AugmentParams | None, generator: torch.Generator, normalization: Normalization = IMAGENET
+    images: Tensor,
+    *,
+    size: int,
+    params: AugmentParams | None,
+    generator: torch.Generator,
+    normalization: Normalization = IMAGENET,
 ) -> Tensor:
     """Augmented, normalised float32 [B, 3, size, size] from a square batch (uint8, or float 0-255).
 

@@ -53,120 +53,194 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    url: str = Field(min_length=1, description="`http://`, `https://`, `file://` URL or a path inside the repository; tar (any compression) or zip")
-    sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the archive, checked before extraction; null skips the check and prints the digest to pin")
+    url: str = Field(
+        min_length=1,
+        description="`http://`, `https://`, `file://` URL or a path inside the repository; tar (any compression) or "
+        "zip",
+    )
+    sha256: str | None = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the archive, checked before extraction; null skips the check and prints the digest "
+        "to pin",
+    )
     md5: str | None = Field(
-        pattern=r"^[0-9a-f]{32}$", description="MD5 of the whole archive (torchvision's catalogue publishes these), checked like `data.sha256`; null skips it"
-    )  # fmt: skip
+        pattern=r"^[0-9a-f]{32}$",
+        description="MD5 of the whole archive (torchvision's catalogue publishes these), checked like `data.sha256`; "
+        "null skips it",
+    )
     size: int | None = Field(
-        ge=1, description="size of the archive in bytes: a download whose server announces another size stops at once, a cached or local archive "
-        "of another size is refused; null skips the check"
-    )  # fmt: skip
-    max_members: int = Field(ge=1, description="most entries (files and folders) the archive may hold; more stops the extraction")
-    max_unpacked_bytes: int = Field(ge=1, description="most bytes the extracted files may take together; more stops the extraction")
+        ge=1,
+        description="size of the archive in bytes: a download whose server announces another size stops at once, a "
+        "cached or local archive "
+        "of another size is refused; null skips the check",
+    )
+    max_members: int = Field(
+        ge=1, description="most entries (files and folders) the archive may hold; more stops the extraction"
+    )
+    max_unpacked_bytes: int = Field(
+        ge=1, description="most bytes the extracted files may take together; more stops the extraction"
+    )
 
 
 FUNCTION_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
 class LabelsConfig(Section):
-    rule: Literal["folder", "regex", "csv", "function"] = Field(description="how an image gets its label (see *Labelling rules*)")
-    images_dir: str = Field(min_length=1, description="folder inside the dataset that holds the images (`.` = the whole dataset); other files are ignored")
+    rule: Literal["folder", "regex", "csv", "function"] = Field(
+        description="how an image gets its label (see *Labelling rules*)"
+    )
+    images_dir: str = Field(
+        min_length=1,
+        description="folder inside the dataset that holds the images (`.` = the whole dataset); other files are "
+        "ignored",
+    )
     pattern: str | None = Field(description="rule `regex`: a regex with exactly one capture group, the label")
     regex_on: Literal["name", "path"] = Field(
-        description="what the pattern (rule `regex`) or the function (rule `function`) is applied to: the file name (fastai `from_name_re`, "
+        description="what the pattern (rule `regex`) or the function (rule `function`) is applied to: the file name "
+        "(fastai `from_name_re`, "
         "`from_name_func`) or the path relative to the dataset"
-    )  # fmt: skip
+    )
     csv: str | None = Field(
-        description="rule `csv`: file inside the dataset with `name,label` columns (and `is_valid` for `split: column`); names are relative to `images_dir`"
-    )  # fmt: skip
+        description="rule `csv`: file inside the dataset with `name,label` columns (and `is_valid` for `split: "
+        "column`); names are relative to `images_dir`"
+    )
     function: str | None = Field(
-        description="rule `function`: `module:callable` importable from the repository root, called with the file name (or path, see "
+        description="rule `function`: `module:callable` importable from the repository root, called with the file "
+        "name (or path, see "
         "`regex_on`) and returning the label (fastai `from_name_func`)"
-    )  # fmt: skip
+    )
     split: Literal["random", "folder", "column", "file"] = Field(
-        description="how the validation set is chosen: `random` (`valid_pct`), `folder` (`train/` and `valid/` folders), `column` "
+        description="how the validation set is chosen: `random` (`valid_pct`), `folder` (`train/` and `valid/` "
+        "folders), `column` "
         "(the csv's `is_valid`), `file` (`valid_file` / `train_file`); see *Validation split*"
-    )  # fmt: skip
+    )
     valid_pct: Float = Field(gt=0, lt=1, description="split `random`: share of the images drawn for validation")
-    valid_file: str | None = Field(description="split `file`: file inside the dataset listing the validation images, one name per line (first field)")
-    train_file: str | None = Field(description="split `file`: file inside the dataset listing the training images, one name per line (first field)")
+    valid_file: str | None = Field(
+        description="split `file`: file inside the dataset listing the validation images, one name per line (first "
+        "field)"
+    )
+    train_file: str | None = Field(
+        description="split `file`: file inside the dataset listing the training images, one name per line (first field)"
+    )
 
     @model_validator(mode="after")
     def _rule_needs(self) -> LabelsConfig:
         if self.rule == "regex":
             if not self.pattern:
-                raise ValueError("labels.pattern: required when labels.rule is 'regex' (a regex with one capture group)")
+                raise ValueError(
+                    "labels.pattern: required when labels.rule is 'regex' (a regex with one capture group)"
+                )
             try:
                 groups = re.compile(self.pattern).groups
             except re.error as err:
                 raise ValueError(f"labels.pattern: {self.pattern!r} is not a valid regex: {err}") from None
             if groups != 1:
-                raise ValueError(f"labels.pattern: {self.pattern!r} has {groups} capture groups; exactly one (the label) is allowed")
+                raise ValueError(
+                    f"labels.pattern: {self.pattern!r} has {groups} capture groups; exactly one (the label) is allowed"
+                )
         if self.rule == "csv" and not self.csv:
-            raise ValueError("labels.csv: required when labels.rule is 'csv' (a file inside the dataset with name,label columns)")
+            raise ValueError(
+                "labels.csv: required when labels.rule is 'csv' (a file inside the dataset with name,label columns)"
+            )
         if self.rule == "function" and not self.function:
-            raise ValueError("labels.function: required when labels.rule is 'function' ('module:callable', e.g. 'labelling:is_cat')")
+            raise ValueError(
+                "labels.function: required when labels.rule is 'function' ('module:callable', e.g. 'labelling:is_cat')"
+            )
         if self.function is not None and not FUNCTION_SPEC.match(self.function):
-            raise ValueError(f"labels.function: {self.function!r} is not allowed: give 'module:callable', e.g. 'labelling:is_cat' or 'mypkg.rules:breed'")
+            raise ValueError(
+                f"labels.function: {self.function!r} is not allowed: give 'module:callable', e.g. 'labelling:is_cat' "
+                "or 'mypkg.rules:breed'"
+            )
         if self.split == "column" and self.rule != "csv":
-            raise ValueError(f"labels.split: 'column' takes the split from the is_valid column of labels.csv, so it needs labels.rule 'csv' (not {self.rule!r})")
+            raise ValueError(
+                "labels.split: 'column' takes the split from the is_valid column of labels.csv, so it needs "
+                f"labels.rule 'csv' (not {self.rule!r})"
+            )
         if self.split == "file" and not (self.valid_file or self.train_file):
-            raise ValueError("labels.split: 'file' needs labels.valid_file or labels.train_file (or both), e.g. annotations/test.txt")
+            raise ValueError(
+                "labels.split: 'file' needs labels.valid_file or labels.train_file (or both), e.g. annotations/test.txt"
+            )
         return self
 
 
 class PresizeConfig(Section):
     size: int = Field(
-        ge=8, description="shorter side of every stored image, in pixels (fastai's item transform `Resize(460)` for 224 px training); "
-        "larger keeps more detail for zoom and crops, at size x size x aspect x 3 bytes per image on disk"
-    )  # fmt: skip
+        ge=8,
+        description="shorter side of every stored image, in pixels (fastai's item transform `Resize(460)` for 224 px "
+        "training); "
+        "larger keeps more detail for zoom and crops, at size x size x aspect x 3 bytes per image on disk",
+    )
 
 
 class AugmentConfig(Section):
     """fastai ``aug_transforms(min_scale=...)``, applied to whole batches on the training device."""
 
     flip: bool = Field(description="random horizontal flips, p 0.5 (off for digits: a mirrored glyph is another glyph)")
-    max_rotate: Float = Field(ge=0, le=180, description="rotation in degrees, drawn from U(-max_rotate, max_rotate) with probability p_affine")
+    max_rotate: Float = Field(
+        ge=0, le=180, description="rotation in degrees, drawn from U(-max_rotate, max_rotate) with probability p_affine"
+    )
     min_zoom: Float = Field(gt=0, description="zoom drawn from U(min_zoom, max_zoom) with probability p_affine")
     max_zoom: Float = Field(gt=0, description="upper bound of the zoom (>= min_zoom)")
-    max_warp: Float = Field(ge=0, lt=1, description="perspective warp magnitude per axis, U(-max_warp, max_warp), with probability p_affine")
+    max_warp: Float = Field(
+        ge=0, lt=1, description="perspective warp magnitude per axis, U(-max_warp, max_warp), with probability p_affine"
+    )
     p_affine: Float = Field(ge=0, le=1, description="probability of each of rotate, zoom and warp, drawn per image")
-    min_scale: Float = Field(gt=0, le=1, description="random resized crop: smallest area kept, square (fastai `min_scale`)")
-    max_lighting: Float = Field(ge=0, lt=1, description="brightness and contrast change in logit space (fastai `max_lighting`)")
+    min_scale: Float = Field(
+        gt=0, le=1, description="random resized crop: smallest area kept, square (fastai `min_scale`)"
+    )
+    max_lighting: Float = Field(
+        ge=0, lt=1, description="brightness and contrast change in logit space (fastai `max_lighting`)"
+    )
     p_lighting: Float = Field(ge=0, le=1, description="probability of brightness and of contrast, each drawn per image")
 
     @model_validator(mode="after")
     def _zoom_range(self) -> AugmentConfig:
         if self.max_zoom < self.min_zoom:
-            raise ValueError(f"train.augment.max_zoom: {self.max_zoom} must be >= train.augment.min_zoom ({self.min_zoom})")
+            raise ValueError(
+                f"train.augment.max_zoom: {self.max_zoom} must be >= train.augment.min_zoom ({self.min_zoom})"
+            )
         return self
 
 
 class TrainConfig(Section):
     arch: str = Field(
         pattern=r"^([a-z][a-z0-9_]*|timm/[a-z][a-z0-9_]*(\.[a-z0-9_\-]+)?)$",
-        description="torchvision classification model (`resnet34`, `convnext_tiny`) or `timm/<name>` with an optional pretrained tag "
-        "(`timm/convnext_tiny.fb_in22k`, `timm/tf_efficientnet_lite0`), built as fastai's `vision_learner` builds it; checked when the "
+        description="torchvision classification model (`resnet34`, `convnext_tiny`) or `timm/<name>` with an optional "
+        "pretrained tag "
+        "(`timm/convnext_tiny.fb_in22k`, `timm/tf_efficientnet_lite0`), built as fastai's `vision_learner` builds it; "
+        "checked when the "
         "model is built, with close matches from both libraries",
     )
     weights: str = Field(
-        min_length=1, description="`imagenet` (torchvision's default weights, or timm's pretrained weights for the tag; downloaded once), "
-        f"`none` (random init) or a state-dict file inside `{WEIGHTS_DIR}/` (`.pt`, `.pth`, `.safetensors`) with the library's own key names; "
-        "its classifier keys are ignored. DVC re-runs train_frozen when a file there changes"
-    )  # fmt: skip
+        min_length=1,
+        description="`imagenet` (torchvision's default weights, or timm's pretrained weights for the tag; downloaded "
+        "once), "
+        f"`none` (random init) or a state-dict file inside `{WEIGHTS_DIR}/` (`.pt`, `.pth`, `.safetensors`) with the "
+        "library's own key names; "
+        "its classifier keys are ignored. DVC re-runs train_frozen when a file there changes",
+    )
     normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | Literal["auto", "imagenet"] = Field(
-        description="input mean/std: `auto` (those of the weights: timm's `pretrained_cfg`, torchvision's weights; ImageNet's for "
-        "`weights: none`), `imagenet`, or `[[r, g, b], [r, g, b]]` (mean, std of values in [0, 1]). Recorded in the checkpoint and the logged models"
-    )  # fmt: skip
-    size: int = Field(ge=1, description="square image size the model sees, for training and validation (<= presize.size)")
+        description="input mean/std: `auto` (those of the weights: timm's `pretrained_cfg`, torchvision's weights; "
+        "ImageNet's for "
+        "`weights: none`), `imagenet`, or `[[r, g, b], [r, g, b]]` (mean, std of values in [0, 1]). Recorded in the "
+        "checkpoint and the logged models"
+    )
+    size: int = Field(
+        ge=1, description="square image size the model sees, for training and validation (<= presize.size)"
+    )
     batch_size: int = Field(ge=1, description="mini-batch size")
     num_workers: int | Literal["auto"] = Field(
-        description="DataLoader worker processes; `auto`: none on the CPU (the presized store is read by slicing, and workers would compete "
-        "with the training threads), min(8, cores - 1) with a GPU. Results do not depend on it, so no stage re-runs when it changes"
-    )  # fmt: skip
-    augment: AugmentConfig | Literal["none"] = Field(description="batch augmentation (the keys below), or `none` to switch it off for ablations")
-    weight_decay: Float = Field(ge=0, description="decoupled (AdamW) weight decay, fastai's default 0.01; not applied to norm layers and biases")
+        description="DataLoader worker processes; `auto`: none on the CPU (the presized store is read by slicing, and "
+        "workers would compete "
+        "with the training threads), min(8, cores - 1) with a GPU. Results do not depend on it, so no stage re-runs "
+        "when it changes"
+    )
+    augment: AugmentConfig | Literal["none"] = Field(
+        description="batch augmentation (the keys below), or `none` to switch it off for ablations"
+    )
+    weight_decay: Float = Field(
+        ge=0, description="decoupled (AdamW) weight decay, fastai's default 0.01; not applied to norm layers and biases"
+    )
 
     @field_validator("weights")
     @classmethod
@@ -174,10 +248,17 @@ class TrainConfig(Section):
         if value in ("imagenet", "none"):
             return value
         path = Path(value)
-        if path.is_absolute() or ".." in path.parts or path.parts[0] != WEIGHTS_DIR or path.suffix not in WEIGHT_SUFFIXES:
+        if (
+            path.is_absolute()
+            or ".." in path.parts
+            or path.parts[0] != WEIGHTS_DIR
+            or path.suffix not in WEIGHT_SUFFIXES
+        ):
             raise ValueError(
-                f"{value!r} is not allowed: give 'imagenet', 'none' or a state-dict file inside {WEIGHTS_DIR}/ ending in "
-                f"{', '.join(WEIGHT_SUFFIXES)} (e.g. {WEIGHTS_DIR}/resnet34.pth; copy it there, or `dvc add` / `dvc import-url` it, "
+                f"{value!r} is not allowed: give 'imagenet', 'none' or a state-dict file inside {WEIGHTS_DIR}/ ending "
+                "in "
+                f"{', '.join(WEIGHT_SUFFIXES)} (e.g. {WEIGHTS_DIR}/resnet34.pth; copy it there, or `dvc add` / `dvc "
+                "import-url` it, "
                 "so that DVC re-runs training when it changes)"
             )
         return value
@@ -187,11 +268,19 @@ class TrainConfig(Section):
     def _normalize(cls, value: Any) -> Any:
         if value in ("auto", "imagenet"):
             return value
-        rows = [[_number(v) for v in row] if isinstance(row, list | tuple) else None for row in value] if isinstance(value, list | tuple) else None
+        rows = (
+            [[_number(v) for v in row] if isinstance(row, list | tuple) else None for row in value]
+            if isinstance(value, list | tuple)
+            else None
+        )
         ok = rows is not None and len(rows) == 2 and all(row is not None and len(row) == 3 for row in rows)
-        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for row in rows for v in row)
+        ok = ok and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for row in rows for v in row
+        )
         if not ok or not all(v > 0 for v in rows[1]):
-            raise ValueError(f"{value!r} is not allowed: give 'auto', 'imagenet' or [[r, g, b], [r, g, b]] (mean, then std > 0)")
+            raise ValueError(
+                f"{value!r} is not allowed: give 'auto', 'imagenet' or [[r, g, b], [r, g, b]] (mean, then std > 0)"
+            )
         return tuple(tuple(float(v) for v in row) for row in rows)
 
     @field_validator("num_workers", mode="before")
@@ -230,7 +319,8 @@ class LrFindConfig(Section):
 class FinetuneConfig(Section):
     epochs: int = Field(ge=1, description="epochs with everything unfrozen")
     max_lr: tuple[float, float] | Literal["auto"] = Field(
-        description="discriminative LRs `[lo, hi]` like fastai's `slice(lo, hi)`, or `auto` = `[valley/100, valley]` from lr_find"
+        description="discriminative LRs `[lo, hi]` like fastai's `slice(lo, hi)`, or `auto` = `[valley/100, valley]` "
+        "from lr_find"
     )
     pct_start: Float = Field(ge=0, lt=1, description="warm-up share of the fine-tuning cycle")
 
@@ -240,7 +330,11 @@ class FinetuneConfig(Section):
         if value == "auto":
             return value
         numbers = [_number(v) for v in value] if isinstance(value, list | tuple) else None
-        if not numbers or len(numbers) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+        if (
+            not numbers
+            or len(numbers) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers)
+        ):
             raise ValueError(f"{value!r} is not allowed: give [lo, hi] (two numbers) or 'auto'")
         lo, hi = (float(v) for v in numbers)
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
@@ -251,8 +345,14 @@ class FinetuneConfig(Section):
 class DistributedConfig(Section):
     """Data-parallel training (train_frozen, finetune) over several processes, launched through torchrun."""
 
-    nproc_per_node: int = Field(ge=1, description="training processes per machine (one per GPU); more than 1 relaunches the stage through `torchrun`")
-    nnodes: int = Field(ge=1, description="machines; more than 1 needs `PETPIPE_RDZV_ENDPOINT=host:port` (torchrun's rendezvous) on each")
+    nproc_per_node: int = Field(
+        ge=1,
+        description="training processes per machine (one per GPU); more than 1 relaunches the stage through `torchrun`",
+    )
+    nnodes: int = Field(
+        ge=1,
+        description="machines; more than 1 needs `PETPIPE_RDZV_ENDPOINT=host:port` (torchrun's rendezvous) on each",
+    )
     backend: Literal["auto", "nccl", "gloo"] = Field(description="`auto`: nccl on CUDA, gloo on the CPU")
 
 
@@ -266,16 +366,23 @@ class MlflowConfig(Section):
 
     register_as: str | None = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$",
-        description="registered-model name for finetune's final model (the raw-image pyfunc), with the alias `candidate` on the new "
-        "version; null registers nothing. Not a DVC dependency: changing it re-runs nothing (register an earlier run's model in the UI)",
+        description="registered-model name for finetune's final model (the raw-image pyfunc), with the alias "
+        "`candidate` on the new "
+        "version; null registers nothing. Not a DVC dependency: changing it re-runs nothing (register an earlier "
+        "run's model in the UI)",
     )
 
 
 class Config(Section):
-    seed: int = Field(ge=0, lt=2**32, description="seeds Python, NumPy, torch, the random validation split, the shuffling order and augmentation")
+    seed: int = Field(
+        ge=0,
+        lt=2**32,
+        description="seeds Python, NumPy, torch, the random validation split, the shuffling order and augmentation",
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(description="`auto` picks CUDA, then Apple MPS, then CPU")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        description="`auto`: bf16 autocast on CUDA GPUs that support it, fp16 (with gradient scaling) on older ones, fp32 elsewhere"
+        description="`auto`: bf16 autocast on CUDA GPUs that support it, fp16 (with gradient scaling) on older ones, "
+        "fp32 elsewhere"
     )
     data: DataConfig
     labels: LabelsConfig
@@ -295,7 +402,9 @@ def load_config(path: str | Path = PARAMS_FILE) -> Config:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found; copy one from profiles/ (e.g. profiles/digits.yaml)") from None
+        raise ConfigError(
+            f"{path}: params file not found; copy one from profiles/ (e.g. profiles/digits.yaml)"
+        ) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     try:
@@ -337,8 +446,11 @@ def describe_error(error: dict[str, Any]) -> str:
     if kind == "model_type":
         return f"{key}: expected a mapping of keys, got {value!r}"
     allowed = {
-        "int_type": "an integer", "float_type": "a number", "bool_type": "a boolean (true or false)", "string_type": "a string",
-    }.get(kind)  # fmt: skip
+        "int_type": "an integer",
+        "float_type": "a number",
+        "bool_type": "a boolean (true or false)",
+        "string_type": "a string",
+    }.get(kind)
     if allowed:
         return f"{key}: {value!r} is not {allowed}"
     if kind == "literal_error":
@@ -350,7 +462,9 @@ def _section(loc: list[str]) -> type[BaseModel]:
     model: type[BaseModel] = Config
     for part in loc:
         annotation = model.model_fields[part].annotation
-        options = [a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        options = [
+            a for a in (get_args(annotation) or (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not options:
             break
         model = options[0]

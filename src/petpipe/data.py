@@ -47,7 +47,9 @@ class SquareCrops(Dataset):
     def __getitem__(self, key: tuple[int, float]) -> tuple[torch.Tensor, int]:
         i, position = key
         index = int(self.positions[i])
-        return torch.from_numpy(np.array(self.store.square(index, position))), int(self.store.labels[index])  # a copy: the store is read-only
+        return torch.from_numpy(np.array(self.store.square(index, position))), int(
+            self.store.labels[index]
+        )  # a copy: the store is read-only
 
     def __getitems__(self, keys: list[tuple[int, float]]) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.store.size
@@ -67,7 +69,8 @@ def whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 class CropSampler(Sampler):
-    """Yields ``(item, crop position)``: a seeded shuffle with random positions (train), or in order at the centre (valid).
+    """Yields ``(item, crop position)``: a seeded shuffle with random positions (train), or in order at the centre
+    (valid).
 
     With several processes (``world > 1``) every process draws the same shuffle and takes every
     ``world``-th item from ``rank`` on (as DistributedSampler does; the few items left over by an
@@ -95,9 +98,15 @@ class DeviceLoader:
     """A DataLoader whose batches arrive on the device, transformed (augmented or centred, normalised)."""
 
     def __init__(
-        self, loader: DataLoader, runtime: Runtime, *, size: int, augment: AugmentParams | None, generator: torch.Generator | None,
+        self,
+        loader: DataLoader,
+        runtime: Runtime,
+        *,
+        size: int,
+        augment: AugmentParams | None,
+        generator: torch.Generator | None,
         normalization: Normalization = IMAGENET,
-    ):  # fmt: skip
+    ):
         self.loader, self.runtime, self.size, self.augment, self.generator = loader, runtime, size, augment, generator
         self.normalization = normalization
 
@@ -110,7 +119,8 @@ class DeviceLoader:
 
     @property
     def generators(self) -> list[torch.Generator]:
-        """Every random stream of this loader (shuffle and crop positions, augmentation): a resumed run restores them."""
+        """Every random stream of this loader (shuffle and crop positions, augmentation): a resumed run restores
+        them."""
         return [g for g in (self.loader.sampler.generator, self.generator) if g is not None]
 
     def transform(self, images: torch.Tensor) -> torch.Tensor:
@@ -119,7 +129,9 @@ class DeviceLoader:
         if self.generator is None:
             out = valid_batch(images, size=self.size, normalization=self.normalization)
         else:
-            out = train_batch(images, size=self.size, params=self.augment, generator=self.generator, normalization=self.normalization)
+            out = train_batch(
+                images, size=self.size, params=self.augment, generator=self.generator, normalization=self.normalization
+            )
         return out.contiguous(memory_format=self.runtime.memory_format)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -131,7 +143,11 @@ class DeviceLoader:
         ready = None
         for images, targets in self.loader:
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                staged = (self.transform(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True), record_event(side))
+                staged = (
+                    self.transform(images.to(device, non_blocking=True)),
+                    targets.to(device, non_blocking=True),
+                    record_event(side),
+                )
             if ready is not None:
                 yield hand_over(*ready)
             ready = staged
@@ -148,7 +164,9 @@ def record_event(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
     return event
 
 
-def hand_over(images: torch.Tensor, targets: torch.Tensor, done: torch.cuda.Event | None) -> tuple[torch.Tensor, torch.Tensor]:
+def hand_over(
+    images: torch.Tensor, targets: torch.Tensor, done: torch.cuda.Event | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch for the current stream: it waits for this batch's copy and transform only (not for
     the next batch's, already queued behind them), and the tensors' memory is kept until it is done with them."""
     if done is not None:
@@ -170,9 +188,17 @@ def resolve_workers(num_workers: int | str, device: torch.device) -> int:
 
 
 def make_loader(
-    store: PresizedStore, split: str, runtime: Runtime, *, size: int, batch_size: int, num_workers: int | str,
-    augment: AugmentParams | None = None, generator: torch.Generator | None = None, normalization: Normalization = IMAGENET,
-) -> DeviceLoader:  # fmt: skip
+    store: PresizedStore,
+    split: str,
+    runtime: Runtime,
+    *,
+    size: int,
+    batch_size: int,
+    num_workers: int | str,
+    augment: AugmentParams | None = None,
+    generator: torch.Generator | None = None,
+    normalization: Normalization = IMAGENET,
+) -> DeviceLoader:
     """Training loader when ``generator`` is given (shuffled, random crops, augmented, last partial
     batch dropped), else a validation loader (in store order, centre crops)."""
     dataset = SquareCrops(store, split)
@@ -183,7 +209,10 @@ def make_loader(
     if train:
         batch_size = distributed.shard_batch_size(batch_size)
     if store.size < size:
-        raise PetpipeError(f"train.size {size} is larger than presize.size {store.size}: raise presize.size (and re-run presize) or lower train.size")
+        raise PetpipeError(
+            f"train.size {size} is larger than presize.size {store.size}: raise presize.size (and re-run presize) or "
+            "lower train.size"
+        )
     workers = resolve_workers(num_workers, runtime.device)
     loader = DataLoader(
         dataset,
@@ -203,13 +232,22 @@ def make_loader(
     # Augmentation draws from its own stream, so the crop positions and shuffle order stay the same
     # whether or not augmentation is on.
     augment_generator = torch.Generator().manual_seed(generator.initial_seed() + 1 + rank) if train else None
-    return DeviceLoader(loader, runtime, size=size, augment=augment, generator=augment_generator, normalization=normalization)
+    return DeviceLoader(
+        loader, runtime, size=size, augment=augment, generator=augment_generator, normalization=normalization
+    )
 
 
 def make_loaders(
-    store_dir: Path, runtime: Runtime, *, size: int, batch_size: int, num_workers: int | str, augment: AugmentParams | None,
-    generator: torch.Generator, normalization: Normalization,
-) -> tuple[DeviceLoader, DeviceLoader]:  # fmt: skip
+    store_dir: Path,
+    runtime: Runtime,
+    *,
+    size: int,
+    batch_size: int,
+    num_workers: int | str,
+    augment: AugmentParams | None,
+    generator: torch.Generator,
+    normalization: Normalization,
+) -> tuple[DeviceLoader, DeviceLoader]:
     """Training loader (shuffled, random crops, augmented) and validation loader (in order, centre crops),
     both normalised with ``normalization`` (the model's: see ``normalization.resolve_normalization``)."""
     store = PresizedStore(store_dir)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from petpipe.errors import PetpipeError
 
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -56,7 +57,9 @@ def shard_batch_size(batch_size: int) -> int:
     """Images per process and step: the global ``train.batch_size`` split evenly."""
     world = world_size()
     if batch_size % world:
-        raise PetpipeError(f"train.batch_size: {batch_size} does not split evenly over {world} processes; use a multiple of {world}")
+        raise PetpipeError(
+            f"train.batch_size: {batch_size} does not split evenly over {world} processes; use a multiple of {world}"
+        )
     return batch_size // world
 
 

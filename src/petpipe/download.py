@@ -277,4 +277,3 @@ def progress_meter(name: str, total: int | None, done: int, stream: IO[str] | No
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
-

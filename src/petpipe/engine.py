@@ -49,7 +49,7 @@ def no_decay_params(module: nn.Module) -> set[int]:
 
 def make_optimizer(
     model: nn.Module, weight_decay: float, groups_of_params: list[list[nn.Parameter]], fused: bool | None = None
-) -> torch.optim.AdamW:  # fmt: skip
+) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay, as fastai's Adam) with two parameter groups per layer group.
 
     Each group records its ``layer_group`` so discriminative LRs can be applied per layer group.
@@ -62,7 +62,9 @@ def make_optimizer(
         for decay in (True, False):
             chosen = [p for p in params if (id(p) not in skip) == decay]
             if chosen:
-                groups.append({"params": chosen, "lr": 0.0, "weight_decay": weight_decay if decay else 0.0, "layer_group": index})
+                groups.append(
+                    {"params": chosen, "lr": 0.0, "weight_decay": weight_decay if decay else 0.0, "layer_group": index}
+                )
     fused = uses_fused_adamw(next(model.parameters()).device) if fused is None else fused
     return torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused)
 
@@ -87,7 +89,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     for param, state in optimizer.state.items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value) if value.shape == param.shape else value.clone()
+                state[key] = (
+                    torch.empty_like(param, dtype=value.dtype).copy_(value)
+                    if value.shape == param.shape
+                    else value.clone()
+                )
 
 
 def per_param_group(optimizer: torch.optim.Optimizer, per_layer_group: list[float]) -> list[float]:
@@ -96,12 +102,19 @@ def per_param_group(optimizer: torch.optim.Optimizer, per_layer_group: list[floa
 
 
 def train_step(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    runtime: Runtime,
 ) -> torch.Tensor:
     """Forward under autocast, scaled backward, one optimizer step; returns the loss (on the device, no sync)."""
     raise_if_stopped()
     with runtime.autocast():
-        loss = nn.functional.cross_entropy(model(images.to(runtime.device, non_blocking=True)), targets.to(runtime.device, non_blocking=True))
+        loss = nn.functional.cross_entropy(
+            model(images.to(runtime.device, non_blocking=True)), targets.to(runtime.device, non_blocking=True)
+        )
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -139,7 +152,9 @@ def check_finite(loss: float, step: int) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, runtime: Runtime, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: nn.Module, loader: DataLoader, runtime: Runtime, desc: str = "predict"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, on the CPU) and targets for every item of ``loader``, in order."""
     model.eval()
     logits, targets = [], []
@@ -155,7 +170,11 @@ def predict(model: nn.Module, loader: DataLoader, runtime: Runtime, desc: str = 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """Mean cross-entropy, accuracy and error rate: the metrics every stage reports."""
     accuracy = (logits.argmax(1) == targets).float().mean().item()
-    return {"valid_loss": nn.functional.cross_entropy(logits, targets).item(), "accuracy": accuracy, "error_rate": 1.0 - accuracy}
+    return {
+        "valid_loss": nn.functional.cross_entropy(logits, targets).item(),
+        "accuracy": accuracy,
+        "error_rate": 1.0 - accuracy,
+    }
 
 
 def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime) -> dict[str, float]:
@@ -183,7 +202,9 @@ def fit_one_cycle(
     """
     model.to(runtime.device, memory_format=runtime.memory_format)
     optimizer = make_optimizer(model, weight_decay, layer_groups(model))
-    schedule = OneCycle(optimizer, per_param_group(optimizer, lr_max), total_steps=epochs * len(train_loader), pct_start=pct_start)
+    schedule = OneCycle(
+        optimizer, per_param_group(optimizer, lr_max), total_steps=epochs * len(train_loader), pct_start=pct_start
+    )
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
     generators = getattr(train_loader, "generators", ())
     history: list[dict[str, float]] = []
@@ -202,14 +223,25 @@ def fit_one_cycle(
             if on_epoch_end:
                 on_epoch_end(row)
     # Several torchrun processes: gradients are averaged across them by DistributedDataParallel.
-    net = model if world_size() == 1 else DistributedDataParallel(
-        model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-        find_unused_parameters=getattr(model, "has_unused_parameters", False),  # timm heads that forward_features skips
-    )  # fmt: skip
+    net = (
+        model
+        if world_size() == 1
+        else DistributedDataParallel(
+            model,
+            device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            find_unused_parameters=getattr(
+                model, "has_unused_parameters", False
+            ),  # timm heads that forward_features skips
+        )
+    )
     for epoch in range(len(history), epochs):
         started = time.perf_counter()
-        train_loss, images = train_one_epoch(net, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}")
-        train_seconds = time.perf_counter() - started  # train_one_epoch ends by reading the summed loss: the work is done
+        train_loss, images = train_one_epoch(
+            net, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}"
+        )
+        train_seconds = (
+            time.perf_counter() - started
+        )  # train_one_epoch ends by reading the summed loss: the work is done
         train_loss, images = mean_over_ranks(train_loss, runtime.device), images * world_size()
         row = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(model, valid_loader, runtime)}
         # Throughput: the whole epoch (training pass and validation), and training images per second.
@@ -218,7 +250,9 @@ def fit_one_cycle(
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         if resume:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-            save_state(resume, {**state, "step_num": schedule.step_num, "history": history, "rng": rng_states(generators)})
+            save_state(
+                resume, {**state, "step_num": schedule.step_num, "history": history, "rng": rng_states(generators)}
+            )
         if on_epoch_end:
             on_epoch_end(row)
     return history
@@ -238,7 +272,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise PetpipeError(f"checkpoint {path} does not exist: run the stage that writes it (dvc repro)") from None
     except Exception as err:
-        raise PetpipeError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); re-run the stage that writes it") from None
+        raise PetpipeError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); re-run the stage that writes it"
+        ) from None
 
 
 def restore(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:

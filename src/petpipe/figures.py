@@ -30,9 +30,12 @@ def figure_png(fig: plt.Figure, dpi: int = DPI) -> bytes:
 
 
 def lr_find_figure(
-    lrs: Sequence[float], losses: Sequence[float], suggestions: dict[str, float], chosen: tuple[float, float] | None = None,
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    suggestions: dict[str, float],
+    chosen: tuple[float, float] | None = None,
     group_lrs: Sequence[float] = (),
-) -> bytes:  # fmt: skip
+) -> bytes:
     """The LR range test with its suggestions; with ``chosen``, the fine-tuning LRs [lo, hi] shaded
     and one line per layer group's peak LR (``group_lrs``), as the report shows it."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -43,7 +46,12 @@ def lr_find_figure(
         ax.axvline(lr, color="#f58518", linewidth=1)
     for (name, lr), marker in zip(suggestions.items(), "ov^sD"):
         ax.plot(lr, np.interp(np.log(lr), np.log(lrs), losses), marker, label=f"{name}: {lr:.2e}")
-    ax.set(xscale="log", xlabel="Learning rate", ylabel="Loss (smoothed)", title="LR range test" + ("" if suggestions else " (no suggestions)"))
+    ax.set(
+        xscale="log",
+        xlabel="Learning rate",
+        ylabel="Loss (smoothed)",
+        title="LR range test" + ("" if suggestions else " (no suggestions)"),
+    )
     if ax.get_legend_handles_labels()[0]:  # nothing to label when lr_find could not suggest and no LRs are chosen
         ax.legend(fontsize=8)
     return figure_png(fig)

@@ -30,10 +30,14 @@ def choose_max_lr(max_lr: tuple[float, float] | str, lr_find_result: Path) -> di
         result = json.loads(lr_find_result.read_text())
         valley = result["valley"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise PetpipeError(f"finetune.max_lr: 'auto' needs lr_find's result {lr_find_result}, which cannot be read ({err}); run lr_find first") from None
+        raise PetpipeError(
+            f"finetune.max_lr: 'auto' needs lr_find's result {lr_find_result}, which cannot be read ({err}); run "
+            "lr_find first"
+        ) from None
     if valley is None:
         raise PetpipeError(
-            f"finetune.max_lr: 'auto' needs lr_find's valley suggestion, but lr_find could not suggest one ({result.get('warning')}); "
+            "finetune.max_lr: 'auto' needs lr_find's valley suggestion, but lr_find could not suggest one "
+            f"({result.get('warning')}); "
             "set finetune.max_lr to [lo, hi], or change lr_find.start_lr / lr_find.num_it and re-run"
         )
     lo, hi = auto_max_lr(result)
@@ -46,4 +50,7 @@ def read_chosen_lr(path: Path) -> tuple[float, float]:
         chosen = json.loads(path.read_text())
         return float(chosen["lo"]), float(chosen["hi"])
     except (OSError, ValueError, KeyError) as err:
-        raise PetpipeError(f"cannot read the chosen LRs {path} ({type(err).__name__}: {err}); run the choose_lr stage (dvc repro choose_lr)") from None
+        raise PetpipeError(
+            f"cannot read the chosen LRs {path} ({type(err).__name__}: {err}); run the choose_lr stage (dvc repro "
+            "choose_lr)"
+        ) from None

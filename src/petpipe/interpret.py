@@ -26,7 +26,8 @@ class Interpretation:
 
 
 def top_k_accuracy(probs: np.ndarray, targets: np.ndarray, k: int) -> float:
-    """Share of items whose actual class is among the ``k`` most probable (equal probabilities: lower class index first)."""
+    """Share of items whose actual class is among the ``k`` most probable (equal probabilities: lower class index
+    first)."""
     top = np.argsort(-probs, axis=1, kind="stable")[:, : min(k, probs.shape[1])]
     return float((top == targets[:, None]).any(axis=1).mean())
 
@@ -80,4 +81,3 @@ def per_class_metrics(cm: np.ndarray, classes: list[str]) -> list[dict[str, floa
         {"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for c, p, r, f, s in zip(classes, precision, recall, f1, actual)
     ]
-

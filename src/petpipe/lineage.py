@@ -111,7 +111,8 @@ def _path_of(entry: Any) -> str:
 
 
 def load_stages(pipeline: Path) -> dict[str, dict[str, list[str]]]:
-    """{stage: {"deps": [...], "outs": [...], "params": [...]}} with `${...}` vars resolved (outs include metrics and plots)."""
+    """{stage: {"deps": [...], "outs": [...], "params": [...]}} with `${...}` vars resolved (outs include metrics and
+    plots)."""
     spec = yaml.safe_load(pipeline.read_text())
     variables: dict[str, Any] = {}
     for block in spec.get("vars", []):
@@ -166,8 +167,9 @@ def dvc_digest(path: Path) -> str | None:
     if not path.is_dir():
         return None
     entries = sorted(
-        ({"md5": md5_of(p), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*") if p.is_file()), key=lambda e: e["relpath"]
-    )  # fmt: skip
+        ({"md5": md5_of(p), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*") if p.is_file()),
+        key=lambda e: e["relpath"],
+    )
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 

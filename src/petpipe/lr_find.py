@@ -48,14 +48,23 @@ def lr_range_test(
     """
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        return _range_test(model, loader, runtime, start_lr=start_lr, end_lr=end_lr, num_it=num_it, weight_decay=weight_decay)
+        return _range_test(
+            model, loader, runtime, start_lr=start_lr, end_lr=end_lr, num_it=num_it, weight_decay=weight_decay
+        )
     finally:
         model.load_state_dict(initial)
 
 
 def _range_test(
-    model: nn.Module, loader: DataLoader, runtime: Runtime, *, start_lr: float, end_lr: float, num_it: int, weight_decay: float
-) -> dict[str, list[float]]:  # fmt: skip
+    model: nn.Module,
+    loader: DataLoader,
+    runtime: Runtime,
+    *,
+    start_lr: float,
+    end_lr: float,
+    num_it: int,
+    weight_decay: float,
+) -> dict[str, list[float]]:
     model.to(runtime.device, memory_format=runtime.memory_format).train()
     optimizer = make_optimizer(model, weight_decay, [list(model.parameters())])  # one LR for all layers
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
@@ -162,10 +171,17 @@ def suggest(curve: dict[str, list[float]], num_it: int) -> tuple[dict[str, float
     """
     lrs, losses = trimmed(curve["lr"], curve["loss"], num_it)
     if len(lrs) < MIN_POINTS:
-        warning = (f"lr_find: only {len(curve['lr'])} points before the loss diverged, too few to suggest an LR; lower lr_find.start_lr "
-                   "or raise lr_find.num_it, or give finetune.max_lr explicitly")  # fmt: skip
+        warning = (
+            f"lr_find: only {len(curve['lr'])} points before the loss diverged, too few to suggest an LR; lower "
+            "lr_find.start_lr "
+            "or raise lr_find.num_it, or give finetune.max_lr explicitly"
+        )
         return dict.fromkeys(SUGGESTIONS), warning
-    return {"valley": suggest_valley(lrs, losses), "minimum": suggest_minimum(lrs, losses), "steep": suggest_steep(lrs, losses)}, None
+    return {
+        "valley": suggest_valley(lrs, losses),
+        "minimum": suggest_minimum(lrs, losses),
+        "steep": suggest_steep(lrs, losses),
+    }, None
 
 
 def lr_find_summary(curve: dict[str, list[float]], num_it: int) -> dict[str, float | str | None]:
@@ -173,21 +189,41 @@ def lr_find_summary(curve: dict[str, list[float]], num_it: int) -> dict[str, flo
     the number of points, and the warning (null when the curve could be read)."""
     suggestions, warning = suggest(curve, num_it)
     lo, hi = auto_max_lr(suggestions) if warning is None else (None, None)
-    return {**suggestions, "auto_max_lr_lo": lo, "auto_max_lr_hi": hi, "iterations": len(curve["lr"]), "warning": warning}
-
+    return {
+        **suggestions,
+        "auto_max_lr_lo": lo,
+        "auto_max_lr_hi": hi,
+        "iterations": len(curve["lr"]),
+        "warning": warning,
+    }
 
 
 def run_lr_find(
-    model: nn.Module, loader: DataLoader, runtime: Runtime, *, start_lr: float, end_lr: float, num_it: int, weight_decay: float
-) -> tuple[dict[str, list[float]], dict[str, float | str | None]]:  # fmt: skip
+    model: nn.Module,
+    loader: DataLoader,
+    runtime: Runtime,
+    *,
+    start_lr: float,
+    end_lr: float,
+    num_it: int,
+    weight_decay: float,
+) -> tuple[dict[str, list[float]], dict[str, float | str | None]]:
     """The range test and its result file's content (``lr_find_summary``)."""
-    curve = lr_range_test(model, loader, runtime, start_lr=start_lr, end_lr=end_lr, num_it=num_it, weight_decay=weight_decay)
+    curve = lr_range_test(
+        model, loader, runtime, start_lr=start_lr, end_lr=end_lr, num_it=num_it, weight_decay=weight_decay
+    )
     return curve, lr_find_summary(curve, num_it)
 
 
 def record_lr_find(
-    run: StageRun, curve: dict[str, list[float]], summary: dict[str, float | str | None], *, result: Path, plot: Path, figure: Path
-) -> None:  # fmt: skip
+    run: StageRun,
+    curve: dict[str, list[float]],
+    summary: dict[str, float | str | None],
+    *,
+    result: Path,
+    plot: Path,
+    figure: Path,
+) -> None:
     """lr_find's outputs (the result JSON, the curve CSV, the figure), then the same on ``run``; the warning, if
     any, also on stderr."""
     suggestions = {k: summary[k] for k in SUGGESTIONS if summary[k] is not None}

@@ -105,9 +105,16 @@ def close_matches(name: str) -> str:
     import timm
 
     torchvision_names = difflib.get_close_matches(name, available_archs(), n=4, cutoff=0.6)
-    timm_names = [TIMM_PREFIX + n for n in difflib.get_close_matches(name.removeprefix(TIMM_PREFIX), timm.list_models(), n=4, cutoff=0.6)]
+    timm_names = [
+        TIMM_PREFIX + n
+        for n in difflib.get_close_matches(name.removeprefix(TIMM_PREFIX), timm.list_models(), n=4, cutoff=0.6)
+    ]
     found = torchvision_names + timm_names
-    return f"; close matches: {', '.join(found)}" if found else "; give a torchvision name (e.g. resnet34) or timm/<name> (e.g. timm/convnext_tiny)"
+    return (
+        f"; close matches: {', '.join(found)}"
+        if found
+        else "; give a torchvision name (e.g. resnet34) or timm/<name> (e.g. timm/convnext_tiny)"
+    )
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -122,7 +129,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch and safetensors raise several kinds for a file that is not theirs
-        raise ModelError(f"train.weights: {path} cannot be read as a state dict ({type(err).__name__}: {str(err)[:200]})") from None
+        raise ModelError(
+            f"train.weights: {path} cannot be read as a state dict ({type(err).__name__}: {str(err)[:200]})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"train.weights: {path} does not hold a state dict (a mapping of tensor names to tensors)")
     return state
@@ -130,6 +139,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights_file(net: nn.Module, path: Path, arch: str, *, classifier: tuple[str, ...]) -> None:
     """Load a state-dict file into ``net``; keys under ``classifier`` are ignored, any other misfit is an error."""
+
     def is_classifier(key: str) -> bool:
         return any(key == c or key.startswith(c + ".") for c in classifier)
 
@@ -138,11 +148,14 @@ def load_weights_file(net: nn.Module, path: Path, arch: str, *, classifier: tupl
     misfits = [f"missing {k}" for k in expected if k not in state]
     misfits += [f"unexpected {k}" for k in state if k not in expected]
     misfits += [
-        f"{k} has shape {list(v.shape)}, the model {list(expected[k].shape)}" for k, v in state.items() if k in expected and v.shape != expected[k].shape
-    ]  # fmt: skip
+        f"{k} has shape {list(v.shape)}, the model {list(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if misfits:
         raise ModelError(
-            f"train.weights: {path} does not fit {arch}: {len(misfits)} tensors missing, unexpected or of another shape, e.g. "
+            f"train.weights: {path} does not fit {arch}: {len(misfits)} tensors missing, unexpected or of another "
+            "shape, e.g. "
             f"{'; '.join(misfits[:3])} (the file must be the state dict of that model, with its library's key names)"
         )
     net.load_state_dict(state, strict=False)
@@ -151,15 +164,23 @@ def load_weights_file(net: nn.Module, path: Path, arch: str, *, classifier: tupl
 def cut_body(net: nn.Module, arch: str) -> nn.Sequential:
     """The network up to (not including) its last pooling child, as fastai's ``create_body`` does."""
     if arch in AUX_HEAD_ARCHS:
-        raise ModelError(f"train.arch: {arch!r} has auxiliary classifiers inside its body, which petpipe does not support; use e.g. resnet50")
+        raise ModelError(
+            f"train.arch: {arch!r} has auxiliary classifiers inside its body, which petpipe does not support; use "
+            "e.g. resnet50"
+        )
     children = list(net.children())
-    pools = [i for i, c in enumerate(children) if isinstance(c, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d))]
+    pools = [
+        i for i, c in enumerate(children) if isinstance(c, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d))
+    ]
     if pools:
         body = children[: pools[-1]]
     elif isinstance(getattr(net, "features", None), nn.Module):  # densenet pools in forward()
         body = [net.features]
     else:
-        raise ModelError(f"train.arch: {arch!r} has no convolutional body followed by pooling; use a CNN such as resnet34 or convnext_tiny")
+        raise ModelError(
+            f"train.arch: {arch!r} has no convolutional body followed by pooling; use a CNN such as resnet34 or "
+            "convnext_tiny"
+        )
     # vgg, efficientnet, convnext (one `features` block), regnet (stem + trunk): open the blocks so
     # the layer groups have stages to split.
     while len(body) < 3 and any(isinstance(m, nn.Sequential) and len(m) > 1 for m in body):
@@ -171,7 +192,9 @@ class TimmBody(nn.Module):
     """A timm model without its classifier as a body, as fastai's ``TimmBody``: its ``forward_features``
     (unpooled feature maps) when it has a pooling size, else its whole forward (already pooled)."""
 
-    def __init__(self, model: nn.Module, *, needs_pool: bool, normalization: Normalization, has_unused_parameters: bool):
+    def __init__(
+        self, model: nn.Module, *, needs_pool: bool, normalization: Normalization, has_unused_parameters: bool
+    ):
         super().__init__()
         self.model = model
         self.needs_pool = needs_pool
@@ -201,17 +224,28 @@ def build_timm_body(name: str, weights: str) -> TimmBody:
         raise ModelError(f"train.arch: {TIMM_PREFIX + name!r}: {err} Names with pretrained weights: {tags}") from None
     except OSError as err:  # the hub download: offline, or the weights are not there
         raise ModelError(
-            f"train.weights: timm's pretrained weights for {name} could not be downloaded ({type(err).__name__}: {str(err)[:160]}); "
-            "run once with network access (they are cached by huggingface_hub), or set train.weights to a state-dict file "
+            f"train.weights: timm's pretrained weights for {name} could not be downloaded ({type(err).__name__}: "
+            f"{str(err)[:160]}); "
+            "run once with network access (they are cached by huggingface_hub), or set train.weights to a state-dict "
+            "file "
             "of the model (.safetensors, .pt or .pth)"
         ) from None
     config = model.pretrained_cfg
     if weights not in ("imagenet", "none"):
         classifier = config.get("classifier") or ()
-        load_weights_file(model, Path(weights), f"{TIMM_PREFIX}{name}", classifier=(classifier,) if isinstance(classifier, str) else tuple(classifier))
+        load_weights_file(
+            model,
+            Path(weights),
+            f"{TIMM_PREFIX}{name}",
+            classifier=(classifier,) if isinstance(classifier, str) else tuple(classifier),
+        )
     needs_pool = config.get("pool_size") is not None
-    return TimmBody(model, needs_pool=needs_pool, normalization=from_stats(config["mean"], config["std"]),
-                    has_unused_parameters=needs_pool and has_head_parameters(model, config))  # fmt: skip
+    return TimmBody(
+        model,
+        needs_pool=needs_pool,
+        normalization=from_stats(config["mean"], config["std"]),
+        has_unused_parameters=needs_pool and has_head_parameters(model, config),
+    )
 
 
 def has_head_parameters(model: nn.Module, config: dict) -> bool:
@@ -238,9 +272,13 @@ class PetpipeModel(nn.Sequential):
     the normalisation its weights expect (``pretrained_normalization``)."""
 
     def __init__(
-        self, body: nn.Module, head: nn.Sequential, body_split: int | None, pretrained_normalization: Normalization = IMAGENET,
+        self,
+        body: nn.Module,
+        head: nn.Sequential,
+        body_split: int | None,
+        pretrained_normalization: Normalization = IMAGENET,
         has_unused_parameters: bool = False,
-    ):  # fmt: skip
+    ):
         super().__init__(body, head)
         self.body_split = body_split
         self.pretrained_normalization = pretrained_normalization
@@ -261,9 +299,16 @@ def build_model(arch: str, n_classes: int, weights: str = "none") -> PetpipeMode
         timm_body = build_timm_body(arch.removeprefix(TIMM_PREFIX), weights)
         head = create_head(timm_body.num_features, n_classes, pool=timm_body.needs_pool)
         # fastai's default_split for timm models: two layer groups, body | head.
-        return PetpipeModel(timm_body, head, None, timm_body.normalization, has_unused_parameters=timm_body.has_unused_parameters)
+        return PetpipeModel(
+            timm_body, head, None, timm_body.normalization, has_unused_parameters=timm_body.has_unused_parameters
+        )
     body = cut_body(load_torchvision(arch, weights), arch)
-    return PetpipeModel(body, create_head(body_features(body), n_classes), body_split_for(arch, len(body)), torchvision_normalization(arch))
+    return PetpipeModel(
+        body,
+        create_head(body_features(body), n_classes),
+        body_split_for(arch, len(body)),
+        torchvision_normalization(arch),
+    )
 
 
 def layer_groups(model: nn.Sequential) -> list[list[nn.Parameter]]:

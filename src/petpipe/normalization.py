@@ -23,8 +23,11 @@ class Normalization:
 
     def as_metrics(self) -> dict[str, float]:
         """Six scalars (``normalize_mean_r`` ...): metrics files and MLflow metrics hold numbers, not lists."""
-        return {f"normalize_{name}_{channel}": float(value) for name, values in (("mean", self.mean), ("std", self.std))
-                for channel, value in zip("rgb", values)}  # fmt: skip
+        return {
+            f"normalize_{name}_{channel}": float(value)
+            for name, values in (("mean", self.mean), ("std", self.std))
+            for channel, value in zip("rgb", values)
+        }
 
     def describe(self) -> str:
         return f"mean {list(self.mean)}, std {list(self.std)}"

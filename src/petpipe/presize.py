@@ -191,7 +191,13 @@ def check_items(items: Sequence[tuple[str, int, str]], *, size: int, workers: in
 
 
 def write_store(
-    root: Path, items: Sequence[tuple[str, int, str]], out_dir: Path, *, size: int, workers: int, classes: Sequence[str] = (),
+    root: Path,
+    items: Sequence[tuple[str, int, str]],
+    out_dir: Path,
+    *,
+    size: int,
+    workers: int,
+    classes: Sequence[str] = (),
     progress: bool = True,
 ) -> PresizeResult:
     """Decode each (path, class index, split) of ``items`` once and write the store to ``out_dir``.
@@ -215,9 +221,16 @@ def write_store(
 
 
 def _write(
-    root: Path, items: Sequence[tuple[str, int, str]], decoded: Iterable[tuple[np.ndarray | None, str]], out_dir: Path,
-    *, size: int, classes: Sequence[str], progress: bool, start: float,
-) -> PresizeResult:  # fmt: skip
+    root: Path,
+    items: Sequence[tuple[str, int, str]],
+    decoded: Iterable[tuple[np.ndarray | None, str]],
+    out_dir: Path,
+    *,
+    size: int,
+    classes: Sequence[str],
+    progress: bool,
+    start: float,
+) -> PresizeResult:
     """The store's files from the ``decoded`` images (in ``items`` order), written in a staging folder."""
     with staged_dir(out_dir) as staging:
         records, paths, skipped, offset = [], [], [], 0
@@ -234,15 +247,25 @@ def _write(
                 offset += array.nbytes
         if not records:
             first = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
-            raise PresizeError(f"presize: none of the {len(items)} images could be decoded (first: {first}); check the dataset under {root}")
+            raise PresizeError(
+                f"presize: none of the {len(items)} images could be decoded (first: {first}); check the dataset under "
+                f"{root}"
+            )
         index = np.array(records, dtype=INDEX_DTYPE)
         with naming_full_disk(out_dir / INDEX_FILE):  # a full disk names the file at its place in the finished store
             np.save(staging / INDEX_FILE, index, allow_pickle=False)
         write_json(staging / PATHS_FILE, paths)
         write_skipped(staging / SKIPPED_FILE, skipped)
         counts = {f"n_{name}": int((index["split"] == code).sum()) for code, name in enumerate(SPLITS)}
-        meta = {"format": FORMAT, "size": size, "n_images": len(records), **counts, "n_skipped": len(skipped), "bytes": offset,
-                "classes": list(classes)}
+        meta = {
+            "format": FORMAT,
+            "size": size,
+            "n_images": len(records),
+            **counts,
+            "n_skipped": len(skipped),
+            "bytes": offset,
+            "classes": list(classes),
+        }
         write_json(staging / META_FILE, meta)
     return PresizeResult(len(records), len(skipped), skipped, offset, time.perf_counter() - start)
 
@@ -267,7 +290,12 @@ class PresizedStore:
             pixel_bytes = (self.out_dir / PIXELS_FILE).stat().st_size
         except (OSError, ValueError) as err:
             raise PresizeError(f"{self.out_dir}: incomplete presized image store ({err}); {FIX}") from err
-        if index.dtype != INDEX_DTYPE or len(index) != len(self.paths) or len(index) != meta["n_images"] or pixel_bytes != meta["bytes"]:
+        if (
+            index.dtype != INDEX_DTYPE
+            or len(index) != len(self.paths)
+            or len(index) != meta["n_images"]
+            or pixel_bytes != meta["bytes"]
+        ):
             raise PresizeError(f"{self.out_dir}: presized image store files do not match each other; {FIX}")
         self.size: int = meta["size"]
         self.classes: list[str] = meta.get("classes", [])  # class names, indexed by ``labels``
@@ -288,7 +316,9 @@ class PresizedStore:
             raise PresizeError(f"{meta_file}: unreadable ({err}); {FIX}") from err
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else None
-            raise PresizeError(f"{self.out_dir}: not a presized image store of format {FORMAT} (found {found!r}); {FIX}")
+            raise PresizeError(
+                f"{self.out_dir}: not a presized image store of format {FORMAT} (found {found!r}); {FIX}"
+            )
         return meta
 
     def __len__(self) -> int:

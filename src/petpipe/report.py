@@ -19,7 +19,9 @@ TOP_K = 5  # top-5 accuracy, shown from TOP_K_MIN_CLASSES classes up (below that
 TOP_K_MIN_CLASSES = 10
 MAX_MATRIX_CLASSES = 40  # above this a full confusion matrix is unreadable: show the most confused classes
 CONFUSED_VIEW_CLASSES = 25
-SIDE_BY_SIDE_CLASSES = 12  # confusion matrices (counts, shares) side by side up to this many classes, else one above the other
+SIDE_BY_SIDE_CLASSES = (
+    12  # confusion matrices (counts, shares) side by side up to this many classes, else one above the other
+)
 MAX_CHART_CLASSES = 40  # class counts: a chart up to this many classes, a sorted table above
 BATCH_IMAGES = 16  # show_batch: images of the first training batch shown
 SUMMARY_PAIRS = 5  # most confused pairs in summary.md
@@ -70,14 +72,20 @@ def flat_params(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def closest_profile(params: dict[str, Any], profiles: dict[str, dict[str, Any]]) -> tuple[str, list[tuple[str, str, str]]]:
+def closest_profile(
+    params: dict[str, Any], profiles: dict[str, dict[str, Any]]
+) -> tuple[str, list[tuple[str, str, str]]]:
     """The profile that differs from ``params`` in the fewest keys (ties: first in name order), and the
     differences as (key, this run, profile). No profiles: ("", [])."""
     run = {k: show(v) for k, v in flat_params(params).items()}
     best: tuple[str, list[tuple[str, str, str]]] | None = None
     for name in sorted(profiles):
         profile = {k: show(v) for k, v in flat_params(profiles[name]).items()}
-        diff = [(k, run.get(k, "-"), profile.get(k, "-")) for k in [*run, *(k for k in profile if k not in run)] if run.get(k) != profile.get(k)]
+        diff = [
+            (k, run.get(k, "-"), profile.get(k, "-"))
+            for k in [*run, *(k for k in profile if k not in run)]
+            if run.get(k) != profile.get(k)
+        ]
         if best is None or len(diff) < len(best[1]):
             best = (name, diff)
     return best or ("", [])
@@ -104,24 +112,34 @@ def show(value: Any) -> str:
 
 
 def run_section(run: RunInfo, profile: str, differences: list[tuple[str, str, str]]) -> str:
-    """Where it ran, how long each training stage took, the params that differ from the closest profile, and all params."""
+    """Where it ran, how long each training stage took, the params that differ from the closest profile, and all
+    params."""
     timing = [stage_timing(stage, rows) for stage, rows in run.curves.items()]
-    total = {"stage": "total", "epochs": sum(t["epochs"] for t in timing), "seconds": sum(t["seconds"] for t in timing),
-             "seconds per epoch": "", "train images/s": ""}  # fmt: skip
+    total = {
+        "stage": "total",
+        "epochs": sum(t["epochs"] for t in timing),
+        "seconds": sum(t["seconds"] for t in timing),
+        "seconds per epoch": "",
+        "train images/s": "",
+    }
     if not profile:
         params_html = "<p>No profile to compare with.</p>"
     elif differences:
         counted = "1 param differs" if len(differences) == 1 else f"{len(differences)} params differ"
-        params_html = (f"<p>{counted} from <code>{esc(profile)}</code>, the closest profile:</p>"
-                       + table_html([dict(zip(("param", "this run", "profile"), d)) for d in differences], ["param", "this run", "profile"]))  # fmt: skip
+        params_html = f"<p>{counted} from <code>{esc(profile)}</code>, the closest profile:</p>" + table_html(
+            [dict(zip(("param", "this run", "profile"), d)) for d in differences], ["param", "this run", "profile"]
+        )
     else:
         params_html = f"<p>Exactly the profile <code>{esc(profile)}</code>.</p>"
     params = [{"param": k, "value": show(v)} for k, v in flat_params(run.params).items()]
     return (
         f"<p>Device: <b>{esc(run.device)}</b>.</p>"
         "<h3>Training time and throughput (measured by the training stages)</h3>"
-        + table_html([*timing, total], ["stage", "epochs", "seconds", "seconds per epoch", "train images/s"], float_fmt="{:,.1f}")
-        + "<h3>Params that shape the results</h3>" + params_html
+        + table_html(
+            [*timing, total], ["stage", "epochs", "seconds", "seconds per epoch", "train images/s"], float_fmt="{:,.1f}"
+        )
+        + "<h3>Params that shape the results</h3>"
+        + params_html
         + f"<details><summary>All {len(params)} params</summary>{table_html(params, ['param', 'value'])}</details>"
     )
 
@@ -129,34 +147,50 @@ def run_section(run: RunInfo, profile: str, differences: list[tuple[str, str, st
 def stage_timing(stage: str, rows: list[dict[str, float]]) -> dict[str, Any]:
     seconds = sum(r["epoch_seconds"] for r in rows)
     return {
-        "stage": stage, "epochs": len(rows), "seconds": seconds, "seconds per epoch": seconds / max(len(rows), 1),
+        "stage": stage,
+        "epochs": len(rows),
+        "seconds": seconds,
+        "seconds per epoch": seconds / max(len(rows), 1),
         "train images/s": sum(r["train_images_per_s"] for r in rows) / max(len(rows), 1),
-    }  # fmt: skip
+    }
 
 
 def data_section(data: DataInfo, chart: bytes) -> str:
     n_train, n_valid = sum(r["train"] for r in data.counts), sum(r["valid"] for r in data.counts)
     by_stage = {s: sum(r["stage"] == s for r in data.skipped) for s in dict.fromkeys(r["stage"] for r in data.skipped)}
     skipped_note = ", ".join(f"{n} by {s}" for s, n in by_stage.items())
-    out = (f"<p><b>{len(data.counts)}</b> classes; <b>{n_train:,}</b> training and <b>{n_valid:,}</b> validation images; "
-           f"<b>{len(data.skipped)}</b> files skipped{f' ({skipped_note})' if skipped_note else ''}.</p>")  # fmt: skip
+    out = (
+        f"<p><b>{len(data.counts)}</b> classes; <b>{n_train:,}</b> training and <b>{n_valid:,}</b> validation images; "
+        f"<b>{len(data.skipped)}</b> files skipped{f' ({skipped_note})' if skipped_note else ''}.</p>"
+    )
     rows = [{**r, "total": r["train"] + r["valid"]} for r in data.counts]
     if len(rows) <= MAX_CHART_CLASSES:
         counts = table_html(rows, ["class", "train", "valid", "total"], sortable=True)
-        out += img_tag(chart, "images per class and split") + f"<details><summary>Counts as a table</summary>{counts}</details>"
+        out += (
+            img_tag(chart, "images per class and split")
+            + f"<details><summary>Counts as a table</summary>{counts}</details>"
+        )
     else:
         rows.sort(key=lambda r: (-r["total"], r["class"]))
-        out += "<p>Images per class, most first (click a column to sort):</p>" + table_html(rows, ["class", "train", "valid", "total"], sortable=True)
+        out += "<p>Images per class, most first (click a column to sort):</p>" + table_html(
+            rows, ["class", "train", "valid", "total"], sortable=True
+        )
     out += "<h3>Skipped files</h3>"
     if not data.skipped:
         return out + "<p>No files were skipped.</p>"
-    return out + table_html(data.skipped[:MAX_TABLE_ROWS], ["stage", "path", "reason"], sortable=True) + cut_note(len(data.skipped), "the stages' skipped.csv")
+    return (
+        out
+        + table_html(data.skipped[:MAX_TABLE_ROWS], ["stage", "path", "reason"], sortable=True)
+        + cut_note(len(data.skipped), "the stages' skipped.csv")
+    )
 
 
 def batch_section(png: bytes, n: int) -> str:
-    return (f"<p>The first {n} images of the first training batch, drawn with the run's seed: the training crops and "
-            "augmentation exactly as the model received them (normalisation undone), with their labels. "
-            "Check that the labels are right and the augmentation is plausible.</p>" + img_tag(png, "a training batch"))  # fmt: skip
+    return (
+        f"<p>The first {n} images of the first training batch, drawn with the run's seed: the training crops and "
+        "augmentation exactly as the model received them (normalisation undone), with their labels. "
+        "Check that the labels are right and the augmentation is plausible.</p>" + img_tag(png, "a training batch")
+    )
 
 
 def curves_section(png: bytes, curves: dict[str, list[dict[str, float]]]) -> str:
@@ -168,24 +202,38 @@ def curves_section(png: bytes, curves: dict[str, list[dict[str, float]]]) -> str
 
 
 def lr_section(png: bytes, lr: LrInfo) -> str:
-    suggestions = table_html([{"suggestion": k, "learning rate": v} for k, v in lr.suggestions.items()], ["suggestion", "learning rate"], "{:.3g}")
+    suggestions = table_html(
+        [{"suggestion": k, "learning rate": v} for k, v in lr.suggestions.items()],
+        ["suggestion", "learning rate"],
+        "{:.3g}",
+    )
     n = len(lr.group_lrs)
-    groups = [{"layer group": f"{i + 1}" + (" (head)" if i == n - 1 else " (earliest layers)" if i == 0 else ""),
-               "train_frozen": f"{lr.frozen_lr:.3g}" if i == n - 1 else f"{lr.frozen_lr:.3g} (frozen: norm layers only)",
-               "finetune": f"{g:.3g}"} for i, g in enumerate(lr.group_lrs)]  # fmt: skip
+    groups = [
+        {
+            "layer group": f"{i + 1}" + (" (head)" if i == n - 1 else " (earliest layers)" if i == 0 else ""),
+            "train_frozen": f"{lr.frozen_lr:.3g}" if i == n - 1 else f"{lr.frozen_lr:.3g} (frozen: norm layers only)",
+            "finetune": f"{g:.3g}",
+        }
+        for i, g in enumerate(lr.group_lrs)
+    ]
     warning = f"<p class='warning'><b>Warning:</b> {esc(lr.warning)}</p>" if lr.warning else ""
     return (
         img_tag(png, "learning-rate finder")
         + warning
         + f"<p>Fine-tuning used max LRs <b>{lr.lo:.3g} .. {lr.hi:.3g}</b> (from <code>{esc(lr.source)}</code>), spread "
-        "geometrically over the layer groups like fastai's <code>slice(lo, hi)</code>; the shaded band and the lines in the plot.</p>"
-        + f"<div class='row'><div><h3>Suggestions</h3>{suggestions}</div><div><h3>One-cycle peak LR per layer group</h3>"
-        + table_html(groups, ["layer group", "train_frozen", "finetune"]) + "</div></div>"
+        "geometrically over the layer groups like fastai's <code>slice(lo, hi)</code>; the shaded band and the lines "
+        "in the plot.</p>"
+        + f"<div class='row'><div><h3>Suggestions</h3>{suggestions}</div><div><h3>One-cycle peak LR per layer "
+        "group</h3>" + table_html(groups, ["layer group", "train_frozen", "finetune"]) + "</div></div>"
     )
 
 
 def metric_cards(metrics: dict[str, float], n_valid: int) -> dict[str, str]:
-    out = {"accuracy": f"{metrics['accuracy']:.4f}", "error rate": f"{metrics['error_rate']:.4f}", "valid loss": f"{metrics['valid_loss']:.4f}"}
+    out = {
+        "accuracy": f"{metrics['accuracy']:.4f}",
+        "error rate": f"{metrics['error_rate']:.4f}",
+        "valid loss": f"{metrics['valid_loss']:.4f}",
+    }
     if f"top_{TOP_K}_accuracy" in metrics:
         out[f"top-{TOP_K} accuracy"] = f"{metrics[f'top_{TOP_K}_accuracy']:.4f}"
     return out | {"validation images": f"{n_valid:,}"}
@@ -196,23 +244,40 @@ def headline(metrics: dict[str, float], n_valid: int) -> str:
 
 
 def confusion_section(figures: dict[str, bytes], n_classes: int) -> str:
-    note = (f"<p>{n_classes} classes are too many to read as one matrix: these are the {CONFUSED_VIEW_CLASSES} classes with the most "
-            "errors (as actual or predicted class); <code>interpretation/confusion.csv</code> has the whole matrix.</p>"
-            if n_classes > MAX_MATRIX_CLASSES else "")  # fmt: skip
-    images = img_tag(figures["confusion"], "confusion matrix, counts") + img_tag(figures["confusion_normalised"], "confusion matrix, share of each actual class")
-    return note + (f"<div class='row'>{images}</div>" if n_classes <= SIDE_BY_SIDE_CLASSES else images)  # larger ones need the full width
+    note = (
+        f"<p>{n_classes} classes are too many to read as one matrix: these are the {CONFUSED_VIEW_CLASSES} classes "
+        "with the most "
+        "errors (as actual or predicted class); <code>interpretation/confusion.csv</code> has the whole matrix.</p>"
+        if n_classes > MAX_MATRIX_CLASSES
+        else ""
+    )
+    images = img_tag(figures["confusion"], "confusion matrix, counts") + img_tag(
+        figures["confusion_normalised"], "confusion matrix, share of each actual class"
+    )
+    return note + (
+        f"<div class='row'>{images}</div>" if n_classes <= SIDE_BY_SIDE_CLASSES else images
+    )  # larger ones need the full width
 
 
 def most_confused_section(confused: list[dict[str, Any]], min_count: int) -> str:
     if not confused:
-        return f"<p>No class was predicted as another at least <code>report.most_confused_min</code> = {min_count} times.</p>"
-    return (f"<p>Pairs seen at least <code>report.most_confused_min</code> = {min_count} times, most frequent first.</p>"
-            + table_html(confused[:MAX_TABLE_ROWS], ["actual", "predicted", "count"], sortable=True) + cut_note(len(confused), "most_confused.csv"))  # fmt: skip
+        return (
+            f"<p>No class was predicted as another at least <code>report.most_confused_min</code> = {min_count} "
+            "times.</p>"
+        )
+    return (
+        f"<p>Pairs seen at least <code>report.most_confused_min</code> = {min_count} times, most frequent first.</p>"
+        + table_html(confused[:MAX_TABLE_ROWS], ["actual", "predicted", "count"], sortable=True)
+        + cut_note(len(confused), "most_confused.csv")
+    )
 
 
 def top_losses_section(png: bytes) -> str:
-    return ("<p>The validation images the model got most wrong, as the model saw them (centre crop, resampled). "
-            "Each title reads <i>prediction/actual</i>, then <i>loss / probability of the prediction</i>.</p>" + img_tag(png, "top losses"))  # fmt: skip
+    return (
+        "<p>The validation images the model got most wrong, as the model saw them (centre crop, resampled). "
+        "Each title reads <i>prediction/actual</i>, then <i>loss / probability of the prediction</i>.</p>"
+        + img_tag(png, "top losses")
+    )
 
 
 def cut_note(total: int, where: str) -> str:
@@ -223,9 +288,14 @@ def cut_note(total: int, where: str) -> str:
 
 
 def summary_markdown(
-    title: str, metrics: dict[str, float], n_valid: int, confused: list[dict[str, Any]], min_count: int, profile: str,
+    title: str,
+    metrics: dict[str, float],
+    n_valid: int,
+    confused: list[dict[str, Any]],
+    min_count: int,
+    profile: str,
     differences: list[tuple[str, str, str]],
-) -> str:  # fmt: skip
+) -> str:
     lines = [f"# {title}", "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in metric_cards(metrics, n_valid).items()]
     lines += ["", "## Most confused (actual → predicted)", ""]
@@ -263,11 +333,18 @@ def img_tag(png: bytes, alt: str) -> str:
 
 
 def cards(items: dict[str, str]) -> str:
-    return '<div class="cards">' + "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in items.items()) + "</div>"
+    return (
+        '<div class="cards">'
+        + "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in items.items())
+        + "</div>"
+    )
 
 
-def table_html(rows: Sequence[dict], columns: Sequence[str], float_fmt: str = "{:.3f}", *, sortable: bool = False) -> str:
-    """A table, numbers right-aligned; ``sortable``: clicking a column header sorts the rows by it (numbers as numbers)."""
+def table_html(
+    rows: Sequence[dict], columns: Sequence[str], float_fmt: str = "{:.3f}", *, sortable: bool = False
+) -> str:
+    """A table, numbers right-aligned; ``sortable``: clicking a column header sorts the rows by it (numbers as
+    numbers)."""
 
     def number(v: object) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool)
@@ -283,7 +360,7 @@ def table_html(rows: Sequence[dict], columns: Sequence[str], float_fmt: str = "{
 
     body = "".join("<tr>" + "".join(cell(r[c]) for c in columns) + "</tr>" for r in rows)
     opening = '<table class="sortable">' if sortable else "<table>"
-    return f'{opening}<thead><tr>{"".join(map(head, columns))}</tr></thead><tbody>{body}</tbody></table>'
+    return f"{opening}<thead><tr>{''.join(map(head, columns))}</tr></thead><tbody>{body}</tbody></table>"
 
 
 STYLE = """
@@ -292,7 +369,8 @@ h1{margin-bottom:.2em} section{margin:2.5em 0} h3{font-size:1em;margin:1.2em 0 .
 nav{margin:.6em 0 1.5em;font-size:.9em} nav a{margin-right:.9em}
 table{border-collapse:collapse;font-size:.85em} th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f3f3f3} .num{text-align:right;font-variant-numeric:tabular-nums} img{max-width:100%}
-th button{all:unset;cursor:pointer} th[aria-sort=ascending] button::after{content:" \\25B2"} th[aria-sort=descending] button::after{content:" \\25BC"}
+th button{all:unset;cursor:pointer} th[aria-sort=ascending] button::after{content:" \\25B2"}
+th[aria-sort=descending] button::after{content:" \\25BC"}
 details{margin:.6em 0} .row{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}
 .row img{max-width:calc(50% - 1em)} .cards{display:flex;gap:1em;flex-wrap:wrap}
 .card{border:1px solid #ddd;border-radius:6px;padding:.6em 1em} .card b{display:block;font-size:1.5em}
@@ -304,7 +382,10 @@ for (const table of document.querySelectorAll("table.sortable")) {
   const heads = [...table.tHead.rows[0].cells];
   heads.forEach((th, col) => th.querySelector("button").addEventListener("click", () => {
     const dir = th.getAttribute("aria-sort") === "ascending" ? -1 : 1;
-    const key = (row) => { const text = row.cells[col].textContent.replace(/,/g, ""); const n = Number(text); return text !== "" && !isNaN(n) ? n : text; };
+    const key = (row) => {
+      const text = row.cells[col].textContent.replace(/,/g, ""), n = Number(text);
+      return text !== "" && !isNaN(n) ? n : text;
+    };
     const rows = [...table.tBodies[0].rows].sort((a, b) => {
       const x = key(a), y = key(b);
       return dir * (typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y)));

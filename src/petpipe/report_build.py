@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from petpipe import interpret as it
-from petpipe.figures import lr_find_figure
-from petpipe.files import staged_dir, write_bytes, write_json, write_rows, write_text
 from petpipe import report as rp
 from petpipe import report_figures as rf
+from petpipe.figures import lr_find_figure
+from petpipe.files import staged_dir, write_bytes, write_json, write_rows, write_text
 from petpipe.report import DataInfo, LrInfo, RunInfo
 
 
@@ -44,13 +44,17 @@ class Report:
 PREDICTION_COLUMNS = ["path", "actual", "predicted", "probability", "loss"]
 
 
-def build_report(run: RunInfo, data: DataInfo, lr: LrInfo, preds: Predictions, *, top_losses: int, most_confused_min: int) -> Report:
+def build_report(
+    run: RunInfo, data: DataInfo, lr: LrInfo, preds: Predictions, *, top_losses: int, most_confused_min: int
+) -> Report:
     classes, interp = preds.classes, preds.interp
     cm = it.confusion_matrix(interp.targets, interp.preds, len(classes))
     metrics = dict(preds.metrics)
     if len(classes) >= rp.TOP_K_MIN_CLASSES:
         metrics[f"top_{rp.TOP_K}_accuracy"] = it.top_k_accuracy(interp.probs, interp.targets, rp.TOP_K)
-    confused = [{"actual": a, "predicted": p, "count": n} for a, p, n in it.most_confused(cm, classes, most_confused_min)]
+    confused = [
+        {"actual": a, "predicted": p, "count": n} for a, p, n in it.most_confused(cm, classes, most_confused_min)
+    ]
     per_class = it.per_class_metrics(cm, classes)
     worst = it.top_losses(interp.losses, top_losses)
     rows = [prediction_row(preds, i) for i in range(len(interp.targets))]
@@ -59,19 +63,30 @@ def build_report(run: RunInfo, data: DataInfo, lr: LrInfo, preds: Predictions, *
 
     figures = {
         "show_batch": rf.image_grid(data.batch, data.batch_labels, "A training batch: augmented, as the model saw it"),
-        "class_counts": rf.class_counts_figure(classes, [r["train"] for r in data.counts], [r["valid"] for r in data.counts]),
+        "class_counts": rf.class_counts_figure(
+            classes, [r["train"] for r in data.counts], [r["valid"] for r in data.counts]
+        ),
         "curves": rf.curves_figure(run.curves),
         "lr_find": lr_find_figure(lr.lrs, lr.losses, lr.suggestions, (lr.lo, lr.hi), lr.group_lrs),
         **confusion_figures(cm, classes),
         "top_losses": rf.image_grid(
-            preds.inputs(worst), [f"{rf.pair_title(r['predicted'], r['actual'])}\n{r['loss']:.2f} / {r['probability']:.2f}" for r in worst_rows],
-            "Prediction/Actual/Loss/Probability", cols=3, tile=2.6,
+            preds.inputs(worst),
+            [
+                f"{rf.pair_title(r['predicted'], r['actual'])}\n{r['loss']:.2f} / {r['probability']:.2f}"
+                for r in worst_rows
+            ],
+            "Prediction/Actual/Loss/Probability",
+            cols=3,
+            tile=2.6,
         ),
-    }  # fmt: skip
+    }
     tables = {
         "per_class": (per_class, ["class", "precision", "recall", "f1", "support"]),
         "most_confused": (confused, ["actual", "predicted", "count"]),
-        "confusion": ([{"actual": classes[i], **dict(zip(classes, map(int, row)))} for i, row in enumerate(cm)], ["actual", *classes]),
+        "confusion": (
+            [{"actual": classes[i], **dict(zip(classes, map(int, row)))} for i, row in enumerate(cm)],
+            ["actual", *classes],
+        ),
         "class_counts": (data.counts, ["class", "train", "valid"]),
         "top_losses": (worst_rows, PREDICTION_COLUMNS),
     }
@@ -83,14 +98,20 @@ def build_report(run: RunInfo, data: DataInfo, lr: LrInfo, preds: Predictions, *
         ("lr-finder", "Learning-rate finder", rp.lr_section(figures["lr_find"], lr)),
         ("metrics", "Final metrics", rp.cards(rp.metric_cards(metrics, len(interp.targets)))),
         ("confusion", "Confusion matrix", rp.confusion_section(figures, len(classes))),
-        ("most-confused", "Most confused (actual, predicted, count)", rp.most_confused_section(confused, most_confused_min)),
+        (
+            "most-confused",
+            "Most confused (actual, predicted, count)",
+            rp.most_confused_section(confused, most_confused_min),
+        ),
         ("top-losses", f"Top {len(worst)} losses", rp.top_losses_section(figures["top_losses"])),
         ("per-class", "Per-class metrics", rp.table_html(per_class, tables["per_class"][1], sortable=True)),
     ]
     title = f"petpipe report: {run.title}"
     return Report(
         html=rp.render_html(title, rp.headline(metrics, len(interp.targets)), sections),
-        summary=rp.summary_markdown(title, metrics, len(interp.targets), confused, most_confused_min, profile, differences),
+        summary=rp.summary_markdown(
+            title, metrics, len(interp.targets), confused, most_confused_min, profile, differences
+        ),
         metrics=metrics,
         figures=figures,
         tables=tables,
@@ -101,9 +122,12 @@ def build_report(run: RunInfo, data: DataInfo, lr: LrInfo, preds: Predictions, *
 def prediction_row(preds: Predictions, i: int) -> dict[str, Any]:
     interp, predicted = preds.interp, int(preds.interp.preds[i])
     return {
-        "path": preds.paths[i], "actual": preds.classes[interp.targets[i]], "predicted": preds.classes[predicted],
-        "probability": round(float(interp.probs[i, predicted]), 6), "loss": round(float(interp.losses[i]), 6) + 0.0,  # + 0.0: no "-0.0"
-    }  # fmt: skip
+        "path": preds.paths[i],
+        "actual": preds.classes[interp.targets[i]],
+        "predicted": preds.classes[predicted],
+        "probability": round(float(interp.probs[i, predicted]), 6),
+        "loss": round(float(interp.losses[i]), 6) + 0.0,  # + 0.0: no "-0.0"
+    }
 
 
 def confusion_figures(cm: np.ndarray, classes: list[str]) -> dict[str, bytes]:
@@ -116,11 +140,15 @@ def confusion_figures(cm: np.ndarray, classes: list[str]) -> dict[str, bytes]:
         scope = f": the {len(keep)} most confused of {len(classes)} classes"
     return {
         "confusion": rf.confusion_figure(cm, names, title=f"Confusion matrix (counts){scope}"),
-        "confusion_normalised": rf.confusion_figure(shares, names, title=f"Confusion matrix (share of each actual class){scope}", normalised=True),
+        "confusion_normalised": rf.confusion_figure(
+            shares, names, title=f"Confusion matrix (share of each actual class){scope}", normalised=True
+        ),
     }
 
 
-def write_report(report: Report, *, out_dir: Path, predictions: Path, html_path: Path, summary: Path, metrics: Path) -> list[Path]:
+def write_report(
+    report: Report, *, out_dir: Path, predictions: Path, html_path: Path, summary: Path, metrics: Path
+) -> list[Path]:
     """Write every file of ``report``; returns them. ``out_dir`` (figures, tables) is replaced as a whole,
     so no file of an earlier report lingers there, and no half-written folder is left on an error."""
     with staged_dir(out_dir) as staging:

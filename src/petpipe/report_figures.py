@@ -14,8 +14,11 @@ from petpipe.figures import DPI, figure_png, plt
 FROZEN_COLOUR, UNFROZEN_COLOUR = "#dbe9f6", "#fde7d4"
 
 
-def image_grid(images: np.ndarray, titles: Sequence[str], suptitle: str, *, cols: int = 4, tile: float = 2.2, fontsize: int = 8) -> bytes:
-    """uint8 images [n, H, W, 3] (all one size) in a grid, each ``tile`` inches wide under its title (any number of lines).
+def image_grid(
+    images: np.ndarray, titles: Sequence[str], suptitle: str, *, cols: int = 4, tile: float = 2.2, fontsize: int = 8
+) -> bytes:
+    """uint8 images [n, H, W, 3] (all one size) in a grid, each ``tile`` inches wide under its title (any number of
+    lines).
 
     One canvas in one axes, pixels drawn as they are: far cheaper than one axes per image.
     """
@@ -68,15 +71,27 @@ def curves_figure(stages: dict[str, list[dict[str, float]]]) -> bytes:
     offset, spans = 0, []
     for stage, rows in stages.items():
         epochs = [offset + r["epoch"] for r in rows]
-        loss_ax.plot(epochs, [r["train_loss"] for r in rows], "o-", color="#4c78a8", label="train" if not spans else None)
-        loss_ax.plot(epochs, [r["valid_loss"] for r in rows], "s--", color="#f58518", label="valid" if not spans else None)
+        loss_ax.plot(
+            epochs, [r["train_loss"] for r in rows], "o-", color="#4c78a8", label="train" if not spans else None
+        )
+        loss_ax.plot(
+            epochs, [r["valid_loss"] for r in rows], "s--", color="#f58518", label="valid" if not spans else None
+        )
         acc_ax.plot(epochs, [r["accuracy"] for r in rows], "o-", color="#54a24b")
         spans.append((stage, offset + 0.5, offset + len(rows) + 0.5))
         offset += len(rows)
     for ax in (loss_ax, acc_ax):
         for (stage, start, end), colour in zip(spans, (FROZEN_COLOUR, UNFROZEN_COLOUR)):
             ax.axvspan(start, end, color=colour, zorder=0)
-            ax.text((start + end) / 2, 0.02, stage, transform=ax.get_xaxis_transform(), ha="center", fontsize=8, color="#555")
+            ax.text(
+                (start + end) / 2,
+                0.02,
+                stage,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                fontsize=8,
+                color="#555",
+            )
         for _, _, end in spans[:-1]:
             ax.axvline(end, color="#888", linestyle=":")
         ax.set_xlim(0.5, offset + 0.5)
@@ -100,5 +115,13 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str], *, title: str, norm
     for (i, j), value in np.ndenumerate(cm):
         if value:
             text = (f"{value:.2f}".lstrip("0") if value < 1 else "1") if normalised else str(value)
-            ax.text(j, i, text, ha="center", va="center", fontsize=6 if n > 15 else 8, color="white" if value > threshold else "black")
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=6 if n > 15 else 8,
+                color="white" if value > threshold else "black",
+            )
     return figure_png(fig)

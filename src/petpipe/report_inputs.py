@@ -24,7 +24,11 @@ from petpipe.presize import SKIPPED_FILE, PresizedStore
 from petpipe.report import DataInfo, LrInfo
 from petpipe.schedule import discriminative_lrs
 
-LR_SUGGESTIONS = ("valley", "minimum", "steep")  # the suggestions in lr_find's result (its other keys are not LRs to mark)
+LR_SUGGESTIONS = (
+    "valley",
+    "minimum",
+    "steep",
+)  # the suggestions in lr_find's result (its other keys are not LRs to mark)
 
 
 def to_display(batch: torch.Tensor, normalization: Normalization) -> np.ndarray:
@@ -34,9 +38,16 @@ def to_display(batch: torch.Tensor, normalization: Normalization) -> np.ndarray:
 
 
 def first_training_batch(
-    store: PresizedStore, runtime: Runtime, *, size: int, batch_size: int, augment: AugmentParams | None, seed: int, n: int,
+    store: PresizedStore,
+    runtime: Runtime,
+    *,
+    size: int,
+    batch_size: int,
+    augment: AugmentParams | None,
+    seed: int,
+    n: int,
     normalization: Normalization,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``n`` images (uint8 [n, H, W, 3]) and class indices of the first training batch.
 
     The loader is built as the training stages build it (same store, batch size, augmentation and
@@ -44,8 +55,16 @@ def first_training_batch(
     """
     generator = torch.Generator().manual_seed(loader_seed(seed))
     loader = make_loader(
-        store, "train", runtime, size=size, batch_size=batch_size, num_workers=0, augment=augment, generator=generator, normalization=normalization
-    )  # fmt: skip
+        store,
+        "train",
+        runtime,
+        size=size,
+        batch_size=batch_size,
+        num_workers=0,
+        augment=augment,
+        generator=generator,
+        normalization=normalization,
+    )
     images, labels = next(iter(loader))
     return to_display(images[:n], normalization), labels[:n].cpu().numpy()
 
@@ -73,31 +92,59 @@ def skipped_files(**lists: Path) -> list[dict[str, str]]:
             with open(path, newline="") as f:
                 rows += [{"stage": stage, "path": r["path"], "reason": r["reason"]} for r in csv.DictReader(f)]
         except (OSError, KeyError) as err:
-            raise PetpipeError(f"cannot read the skipped-files list {path} ({type(err).__name__}: {err}); re-run the {stage} stage") from None
+            raise PetpipeError(
+                f"cannot read the skipped-files list {path} ({type(err).__name__}: {err}); re-run the {stage} stage"
+            ) from None
     return rows
 
 
 def data_info(
-    store: PresizedStore, runtime: Runtime, *, labels_skipped: Path, classes: list[str], size: int, batch_size: int,
-    augment: AugmentParams | None, seed: int, n_batch: int, normalization: Normalization,
-) -> DataInfo:  # fmt: skip
+    store: PresizedStore,
+    runtime: Runtime,
+    *,
+    labels_skipped: Path,
+    classes: list[str],
+    size: int,
+    batch_size: int,
+    augment: AugmentParams | None,
+    seed: int,
+    n_batch: int,
+    normalization: Normalization,
+) -> DataInfo:
     """Class counts, the files the labels and presize stages skipped, and the first training batch."""
     batch, labels = first_training_batch(
-        store, runtime, size=size, batch_size=batch_size, augment=augment, seed=seed, n=n_batch, normalization=normalization
-    )  # fmt: skip
+        store,
+        runtime,
+        size=size,
+        batch_size=batch_size,
+        augment=augment,
+        seed=seed,
+        n=n_batch,
+        normalization=normalization,
+    )
     skipped = skipped_files(labels=labels_skipped, presize=store.out_dir / SKIPPED_FILE)
     return DataInfo(counts=class_counts(store), skipped=skipped, batch=batch, batch_labels=[classes[i] for i in labels])
 
 
 def lr_info(curve: Path, result: Path, chosen: Path, *, frozen_lr: float, n_groups: int) -> LrInfo:
     """lr_find's curve and suggestions, the fine-tuning LRs choose_lr picked, and the peak LR of each layer group."""
-    rows, suggestions, picked = read_curve(curve, "lr_find"), read_json(result, "lr_find"), read_json(chosen, "choose_lr")
+    rows, suggestions, picked = (
+        read_curve(curve, "lr_find"),
+        read_json(result, "lr_find"),
+        read_json(chosen, "choose_lr"),
+    )
     lo, hi = float(picked["lo"]), float(picked["hi"])
     return LrInfo(
-        lrs=[r["lr"] for r in rows], losses=[r["loss"] for r in rows],
-        suggestions={k: suggestions[k] for k in LR_SUGGESTIONS if suggestions.get(k) is not None}, warning=suggestions.get("warning"),
-        lo=lo, hi=hi, source=str(picked["source"]), frozen_lr=frozen_lr, group_lrs=discriminative_lrs(lo, hi, n_groups),
-    )  # fmt: skip
+        lrs=[r["lr"] for r in rows],
+        losses=[r["loss"] for r in rows],
+        suggestions={k: suggestions[k] for k in LR_SUGGESTIONS if suggestions.get(k) is not None},
+        warning=suggestions.get("warning"),
+        lo=lo,
+        hi=hi,
+        source=str(picked["source"]),
+        frozen_lr=frozen_lr,
+        group_lrs=discriminative_lrs(lo, hi, n_groups),
+    )
 
 
 def read_json(path: Path, writer: str) -> dict[str, Any]:
@@ -105,7 +152,9 @@ def read_json(path: Path, writer: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise PetpipeError(f"cannot read {path} ({type(err).__name__}: {err}); re-run the {writer} stage (dvc repro {writer})") from None
+        raise PetpipeError(
+            f"cannot read {path} ({type(err).__name__}: {err}); re-run the {writer} stage (dvc repro {writer})"
+        ) from None
 
 
 def read_curve(path: Path, writer: str) -> list[dict[str, float]]:
@@ -114,4 +163,6 @@ def read_curve(path: Path, writer: str) -> list[dict[str, float]]:
         with open(path, newline="") as f:
             return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     except (OSError, ValueError) as err:
-        raise PetpipeError(f"cannot read {path} ({type(err).__name__}: {err}); re-run the {writer} stage (dvc repro {writer})") from None
+        raise PetpipeError(
+            f"cannot read {path} ({type(err).__name__}: {err}); re-run the {writer} stage (dvc repro {writer})"
+        ) from None

@@ -47,7 +47,10 @@ def file_digest(path: Path) -> str:
 
 def resume_point(stage: str, params: dict[str, Any], inputs: Sequence[Path], root: Path = Path(".")) -> ResumePoint:
     """The resume file of ``stage``; its key is the stage's params and the digests of its inputs."""
-    key = {"params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}, "inputs": {str(p): file_digest(p) for p in inputs}}
+    key = {
+        "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
+        "inputs": {str(p): file_digest(p) for p in inputs},
+    }
     process = f".rank{rank()}" if world_size() > 1 else ""  # each torchrun process keeps its own random streams
     return ResumePoint(root / RESUME_DIR / f"{stage}{process}.pt", key)
 
@@ -83,13 +86,18 @@ def load_state(point: ResumePoint) -> dict[str, Any] | None:
     if not point.path.is_file():
         return None
     try:
-        state = torch.load(point.path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+        state = torch.load(
+            point.path, map_location="cpu", weights_only=False
+        )  # our own file: RNG states are not tensors
     except Exception as err:  # a file from another torch version or a damaged disk: start over
         print(f"resume: ignoring {point.path}, which cannot be read ({type(err).__name__}: {err})", file=sys.stderr)
         point.path.unlink(missing_ok=True)
         return None
     if state.get("key") != point.key:
-        print(f"resume: discarding {point.path}: it was written for other params or inputs; starting from epoch 1", file=sys.stderr)
+        print(
+            f"resume: discarding {point.path}: it was written for other params or inputs; starting from epoch 1",
+            file=sys.stderr,
+        )
         point.path.unlink(missing_ok=True)
         return None
     return state

@@ -61,7 +61,12 @@ class OneCycle:
     def __init__(self, optimizer: torch.optim.Optimizer, lr_max: list[float], total_steps: int, pct_start: float):
         if len(lr_max) != len(optimizer.param_groups):
             raise ValueError(f"{len(lr_max)} learning rates for {len(optimizer.param_groups)} parameter groups")
-        self.optimizer, self.lr_max, self.total_steps, self.pct_start = optimizer, lr_max, max(total_steps, 1), pct_start
+        self.optimizer, self.lr_max, self.total_steps, self.pct_start = (
+            optimizer,
+            lr_max,
+            max(total_steps, 1),
+            pct_start,
+        )
         self.step_num = 0
 
     def apply(self) -> None:

@@ -48,17 +48,24 @@ class ImageClassifier:
         try:
             return square_of(decode_presized(source, self.presize_size), self.presize_size, CENTRE)
         except Exception as err:
-            raise PetpipeError(f"image {str(image)[:80]!r} cannot be decoded ({type(err).__name__}: {err}); give a file path or the file's bytes") from None
+            raise PetpipeError(
+                f"image {str(image)[:80]!r} cannot be decoded ({type(err).__name__}: {err}); give a file path or the "
+                "file's bytes"
+            ) from None
 
     def inputs(self, images: list[Any]) -> torch.Tensor:
         """What the network takes: float32 NCHW at the training size, normalised as in training."""
         squares = np.stack([self.pixels(image) for image in images])
-        return valid_batch(torch.from_numpy(squares).permute(0, 3, 1, 2).contiguous(), size=self.size, normalization=self.normalization)
+        return valid_batch(
+            torch.from_numpy(squares).permute(0, 3, 1, 2).contiguous(), size=self.size, normalization=self.normalization
+        )
 
     @torch.inference_mode()
     def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
         if IMAGE_COLUMN not in frame.columns:
-            raise PetpipeError(f"the input needs a column {IMAGE_COLUMN!r} of image paths or bytes; got columns {list(frame.columns)}")
+            raise PetpipeError(
+                f"the input needs a column {IMAGE_COLUMN!r} of image paths or bytes; got columns {list(frame.columns)}"
+            )
         labels, probabilities = [], []
         images = list(frame[IMAGE_COLUMN])
         for start in range(0, len(images), BATCH):

@@ -25,9 +25,13 @@ TRAINING_DATA = [("presized", "presized image store (presize stage)")]
 
 
 def stage_main(
-    run: Callable[..., Any], arguments: list[tuple[str, str]], description: str, multiple: tuple[str, ...] = (), argv: list[str] | None = None,
+    run: Callable[..., Any],
+    arguments: list[tuple[str, str]],
+    description: str,
+    multiple: tuple[str, ...] = (),
+    argv: list[str] | None = None,
     torchrun_script: str | None = None,
-) -> int:  # fmt: skip
+) -> int:
     """``--params`` plus the named path arguments, then ``run(cfg, **paths)``.
 
     Arguments named in ``multiple`` take one or more paths. Known user errors print one clear
@@ -39,12 +43,16 @@ def stage_main(
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     for name, help_text in arguments:
         nargs = "+" if name in multiple else None
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, help=help_text, nargs=nargs)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, help=help_text, nargs=nargs
+        )
     args = parser.parse_args(argv)
     try:
         with stop_on_signals():  # SIGTERM ends the stage like Ctrl-C: cleanly
             cfg = load_config(args.params)
-            launched = launch(cfg, list(sys.argv[1:] if argv is None else argv), torchrun_script) if torchrun_script else None
+            launched = (
+                launch(cfg, list(sys.argv[1:] if argv is None else argv), torchrun_script) if torchrun_script else None
+            )
             if launched is not None:
                 return launched
             run(cfg, **{name: getattr(args, name) for name, _ in arguments})
@@ -57,14 +65,20 @@ def stage_main(
         print(f"error: {full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no output was written as complete; run the stage again to resume a training stage from its last epoch", file=sys.stderr)
+        print(
+            "interrupted: no output was written as complete; run the stage again to resume a training stage from its "
+            "last epoch",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
 
 def launch(cfg: Config, argv: list[str], script: str) -> int | None:
     """Several processes asked for: run ``script`` under torchrun and return their exit code; None: run it here."""
-    return relaunch_under_torchrun(script, argv, nproc_per_node=cfg.distributed.nproc_per_node, nnodes=cfg.distributed.nnodes)
+    return relaunch_under_torchrun(
+        script, argv, nproc_per_node=cfg.distributed.nproc_per_node, nnodes=cfg.distributed.nnodes
+    )
 
 
 def exit_process(code: int) -> NoReturn:

@@ -19,14 +19,27 @@ def under_torchrun() -> bool:
 
 def torchrun_command(script: str | Path, argv: list[str], *, nproc_per_node: int, nnodes: int) -> list[str]:
     """``python -m torch.distributed.run ... script argv`` (torchrun, with the same interpreter)."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc_per_node}",
+        f"--nnodes={nnodes}",
+    ]
     if nnodes == 1:
         command.append("--standalone")
     else:
         endpoint = os.environ.get(RDZV_ENV)
         if not endpoint:
-            raise PetpipeError(f"distributed.nnodes: {nnodes} machines need {RDZV_ENV}=host:port (torchrun's rendezvous) set on each of them")
-        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={os.environ.get('DVC_EXP_NAME', 'petpipe')}"]
+            raise PetpipeError(
+                f"distributed.nnodes: {nnodes} machines need {RDZV_ENV}=host:port (torchrun's rendezvous) set on each "
+                "of them"
+            )
+        command += [
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={os.environ.get('DVC_EXP_NAME', 'petpipe')}",
+        ]
     return [*command, str(script), *argv]
 
 
@@ -36,7 +49,10 @@ def relaunch_under_torchrun(script: str | Path, argv: list[str], *, nproc_per_no
     if nproc_per_node * nnodes == 1 or under_torchrun():
         return None
     command = torchrun_command(script, argv, nproc_per_node=nproc_per_node, nnodes=nnodes)
-    print(f"distributed: {nproc_per_node} process(es) per node on {nnodes} node(s): {' '.join(command[1:5])} ...", flush=True)
+    print(
+        f"distributed: {nproc_per_node} process(es) per node on {nnodes} node(s): {' '.join(command[1:5])} ...",
+        flush=True,
+    )
     code = subprocess.run(command).returncode
     if code != 0:
         print(f"error: the torchrun workers failed (exit code {code}); their messages are above", file=sys.stderr)

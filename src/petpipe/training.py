@@ -43,12 +43,18 @@ def prepare(*, device: str, precision: str, seed: int, backend: str = "auto") ->
 
 def loaders(
     train: TrainConfig, presized: Path, runtime: Runtime, generator: torch.Generator, normalization: Normalization
-) -> tuple[DeviceLoader, DeviceLoader]:  # fmt: skip
+) -> tuple[DeviceLoader, DeviceLoader]:
     """The training and validation loaders of the model stages: the one place ``train.*`` becomes their arguments."""
     return make_loaders(
-        presized, runtime, size=train.size, batch_size=train.batch_size, num_workers=train.num_workers, augment=augment_params(train.augment),
-        generator=generator, normalization=normalization,
-    )  # fmt: skip
+        presized,
+        runtime,
+        size=train.size,
+        batch_size=train.batch_size,
+        num_workers=train.num_workers,
+        augment=augment_params(train.augment),
+        generator=generator,
+        normalization=normalization,
+    )
 
 
 def restore_unfrozen(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
@@ -59,27 +65,55 @@ def restore_unfrozen(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
 
 
 def fit_and_record(
-    run: StageRun, *, stage: str, runtime: Runtime, model: nn.Sequential, meta: dict[str, Any], train_loader: DataLoader,
-    valid_loader: DataLoader, epochs: int, lr_max: list[float], pct_start: float, weight_decay: float, checkpoint: Path, metrics: Path,
-    plot: Path, extra_metrics: dict[str, float] | None = None, resume: ResumePoint | None = None,
-) -> dict[str, float]:  # fmt: skip
+    run: StageRun,
+    *,
+    stage: str,
+    runtime: Runtime,
+    model: nn.Sequential,
+    meta: dict[str, Any],
+    train_loader: DataLoader,
+    valid_loader: DataLoader,
+    epochs: int,
+    lr_max: list[float],
+    pct_start: float,
+    weight_decay: float,
+    checkpoint: Path,
+    metrics: Path,
+    plot: Path,
+    extra_metrics: dict[str, float] | None = None,
+    resume: ResumePoint | None = None,
+) -> dict[str, float]:
     """Body of train_frozen and finetune: one-cycle fit, then checkpoint, metrics and curves, logged to ``run``.
 
     With several torchrun processes every process trains; only rank 0 writes (its ``run`` logs; the
     others' do nothing). The checkpoint itself stays in DVC: the run records its digest
     (``stage_run(outputs=...)``), never a copy. Returns the final metrics.
     """
-    print(f"{stage}: {runtime.describe()}; {len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid images; "
-          f"{count_trainable(model):,} trainable parameters; lr_max per layer group {['%.2e' % lr for lr in lr_max]}"
-          + (f"; process {rank()} of {world_size()}" if world_size() > 1 else ""))  # fmt: skip
+    print(
+        f"{stage}: {runtime.describe()}; {len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid images; "
+        f"{count_trainable(model):,} trainable parameters; lr_max per layer group {[f'{lr:.2e}' for lr in lr_max]}"
+        + (f"; process {rank()} of {world_size()}" if world_size() > 1 else "")
+    )
     normalization = from_meta(meta)
     run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
-    run.log_params({f"{stage}.lr_max_groups": [float(f"{lr:.4g}") for lr in lr_max], f"{stage}.normalize": normalization.as_dict()})
+    run.log_params(
+        {f"{stage}.lr_max_groups": [float(f"{lr:.4g}") for lr in lr_max], f"{stage}.normalize": normalization.as_dict()}
+    )
     history = fit_one_cycle(
-        model, train_loader, valid_loader, epochs=epochs, lr_max=lr_max, pct_start=pct_start, weight_decay=weight_decay, runtime=runtime,
-        on_epoch_end=lambda row: run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
-        resume=resume, on_resume=lambda epoch: run.set_tags({"petpipe.resumed_after_epoch": str(epoch)}),
-    )  # fmt: skip
+        model,
+        train_loader,
+        valid_loader,
+        epochs=epochs,
+        lr_max=lr_max,
+        pct_start=pct_start,
+        weight_decay=weight_decay,
+        runtime=runtime,
+        on_epoch_end=lambda row: run.log_metrics(
+            {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+        ),
+        resume=resume,
+        on_resume=lambda epoch: run.set_tags({"petpipe.resumed_after_epoch": str(epoch)}),
+    )
     extra_metrics = normalization.as_metrics() | (extra_metrics or {})  # the values used: recorded with the results
     final = {k: v for k, v in history[-1].items() if k != "epoch"} | extra_metrics
     if is_main():

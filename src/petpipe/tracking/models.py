@@ -51,7 +51,8 @@ def log_final_models(
     """The final model on ``run`` (the active run), once, as two MLflow models of one checkpoint:
 
     - ``model``: the network, ``mlflow.pytorch.log_model`` (torch.export format), float32 NCHW at the
-      training size, normalised with the mean/std training used (in the metadata) -> logits; signature and input example.
+      training size, normalised with the mean/std training used (in the metadata) -> logits; signature and input
+      example.
     - ``image_classifier``: a pyfunc taking raw images, a DataFrame column ``image`` of file paths or
       encoded bytes -> ``label``, ``probability``; this is the one registered as ``register_as``
       (alias ``candidate``), the one ``mlflow models serve`` can serve.
@@ -116,7 +117,9 @@ def _requirements(timm: bool) -> list[str]:
     return [f"{p}=={importlib.metadata.version(p)}" for p in packages]
 
 
-def _log_torch_model(network: Any, example: Any, n_classes: int, metadata: dict[str, Any], requirements: list[str]) -> Any:
+def _log_torch_model(
+    network: Any, example: Any, n_classes: int, metadata: dict[str, Any], requirements: list[str]
+) -> Any:
     import mlflow.pytorch
     import numpy as np
     from mlflow.models import ModelSignature

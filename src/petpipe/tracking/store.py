@@ -81,8 +81,6 @@ def probe(uri: str, timeout: float) -> str | None:
         return str(getattr(err, "reason", None) or err)
 
 
-
-
 def check_tracking(uri: str, seconds: float = CHECK_SECONDS) -> None:
     """Raise TrackingError (one line: the URI, what happened, the fix) unless a tracking server answers.
 
