@@ -36,8 +36,8 @@ endif
 # Two pytest workers: most of the suite's time is process start-up and imports, which are
 # single-threaded. --dist loadfile keeps a module's fixtures (the e2e repository) in one worker.
 # One intra-op thread per process (unless OMP_NUM_THREADS is set): with two workers and the stage
-# processes they start, torch's default of one thread per core oversubscribes the cores; measured
-# on 2 cores, the suite takes 4 min 28 s with one thread and 5 min 29 s without.
+# processes they start, torch's default of one thread per core oversubscribes the cores
+# (benchmarks/RESULTS.md, "Test suite").
 PYTEST_WORKERS ?= 2
 TEST_ENV = PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 

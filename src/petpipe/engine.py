@@ -25,12 +25,9 @@ from petpipe.signals import raise_if_stopped
 
 ADAM_BETAS = (0.9, 0.99)  # fastai's Adam defaults; beta1 is overwritten by the one-cycle momentum
 ADAM_EPS = 1e-5  # fastai's Adam eps
-# Devices where AdamW runs torch's fused kernel (``fused=True``): the same update in one pass over
-# each parameter instead of about a dozen elementwise ops. On the 2-core CPU it cut AdamW's step for
-# resnet18 (11.2 M parameters) from 30-37 ms to 9 ms, which made the whole train step 1.05-1.12x
-# (64 px, batch 32) and 1.23-1.28x (32 px, batch 64) faster (`benchmarks/train_throughput.py
-# --compare-adamw`). CUDA and MPS keep torch's default kernel (foreach) until a GPU run of that
-# command (with --check) has measured and checked the fused one there.
+# Devices where AdamW runs torch's fused kernel (``fused=True``): the same update in one pass over each
+# parameter, faster on the CPU (benchmarks/RESULTS.md, "Fused AdamW"). CUDA and MPS keep torch's default
+# (foreach) until `benchmarks/train_throughput.py --compare-adamw --check` has been run on a GPU.
 FUSED_ADAMW_DEVICES = ("cpu",)
 # Reading the loss back waits for the GPU; doing it every step leaves the GPU idle while the next
 # batch is fetched. The running loss stays on the device and is checked every this many steps.

@@ -84,10 +84,9 @@ def launch(cfg: Config, argv: list[str], script: str) -> int | None:
 def exit_process(code: int) -> NoReturn:
     """End the stage script's process with ``code``, skipping the garbage collector's shutdown passes.
 
-    torch, torchvision (which imports torch._dynamo) and MLflow leave about 460,000 objects tracked
-    by the garbage collector, and the collections that run while the interpreter shuts down took
-    1.5 to 2 s at the end of every model stage (measured on the 2-core machine of
-    benchmarks/README.md). By now every output is written and closed and the MLflow runs have ended.
+    torch, torchvision and MLflow leave hundreds of thousands of objects tracked by the garbage
+    collector, whose shutdown passes cost seconds per model stage (benchmarks/RESULTS.md, "Stage
+    exit"). By now every output is written and closed and the MLflow runs have ended.
     ``gc.freeze()`` puts the objects out of the collector's reach, so shutdown only frees by
     reference count. atexit handlers and the flushing of stdout and stderr still run. Only the
     ``__main__`` block of a stage script calls this; a test that calls ``main()`` keeps collecting.
