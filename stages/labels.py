@@ -29,7 +29,8 @@ PARAMS = (
 
 def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str, int]:
     from petpipe.files import write_json
-    from petpipe.labels import make_table, write_table
+    from petpipe.label_table import write_table
+    from petpipe.labels import make_table
     from petpipe.tracking.runs import stage_run
 
     with stage_run(

@@ -19,7 +19,7 @@ PARAMS = ("presize.size",)
 
 def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_dir: Path, metrics: Path) -> dict:
     from petpipe.files import write_json
-    from petpipe.labels import read_table
+    from petpipe.label_table import read_table
     from petpipe.presize import default_workers, write_store
     from petpipe.tracking.runs import stage_run
 

@@ -15,7 +15,8 @@ import yaml
 from conftest import ROOT, stage_env, write_folder_dataset, write_params
 from small_disk import can_mount_tmpfs, simulated_command, tmpfs_command
 
-from petpipe.labels import make_table, write_table
+from petpipe.label_table import write_table
+from petpipe.labels import make_table
 from petpipe.presize import store_bytes
 
 DISK = 256 * 1024  # bytes: the small disk's size and free space

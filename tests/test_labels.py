@@ -8,7 +8,8 @@ import yaml
 from conftest import ROOT, write_folder_dataset, write_named_dataset
 
 from petpipe.config import ConfigError, parse_config
-from petpipe.labels import Item, LabelError, assign_random_split, make_table, read_table, write_table
+from petpipe.label_table import Item, LabelError, read_table, write_table
+from petpipe.labels import assign_random_split, make_table
 
 DEFAULTS = dict(images_dir=".", pattern=None, match_on="name", csv_name=None, valid_pct=0.25, seed=0)
 PETS_PATTERN = r"^(.+)_\d+\.jpg$"

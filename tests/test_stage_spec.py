@@ -73,12 +73,23 @@ def test_the_checks_fail_on_an_undeclared_import_or_param_read(tmp_path):
     script.write_text(
         source.replace(
             "    from petpipe.fetch import fetch\n",
-            "    from petpipe.fetch import fetch\n    from petpipe.report import img_tag\n",
+            "    from petpipe.fetch import fetch\n    from petpipe.report_html import img_tag\n",
         )
     )
-    assert "add to deps ['src/petpipe/report.py']" in code_mismatch("fetch", script)
+    assert "add to deps ['src/petpipe/report_html.py']" in code_mismatch("fetch", script)
     script.write_text(source.replace("result = fetch(", "print(cfg.labels.rule)\n        result = fetch("))
     assert "params: add ['labels.rule']" in params_mismatch("fetch", script, load_stage("fetch").PARAMS)
+
+
+def test_a_section_passed_to_an_adapter_reads_what_the_adapter_reads(tmp_path):
+    """lr_find passes cfg.train to training.loaders, which reads train.size, batch_size, num_workers and augment;
+    without that call those keys are no longer read, and the check says so."""
+    script = tmp_path / "lr_find.py"
+    source = (ROOT / "stages/lr_find.py").read_text()
+    assert "loaders(cfg.train," in source
+    script.write_text(source.replace("loaders(cfg.train,", "loaders(None,"))
+    mismatch = params_mismatch("lr_find", script, load_stage("lr_find").PARAMS)
+    assert "remove ['train.augment', 'train.batch_size', 'train.size']" in mismatch, mismatch
 
 
 def test_fetch_and_labels_do_not_load_torch_code():

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from petpipe.config import AugmentConfig
+from petpipe.config_sections import AugmentConfig
 from petpipe.normalization import IMAGENET, Normalization
 
 LOGIT_EPS = 1e-6  # keeps logit() finite on pure black / white pixels

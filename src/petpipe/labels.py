@@ -11,63 +11,19 @@ from __future__ import annotations
 
 import csv
 import importlib
-import json
 import random
 import re
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from petpipe.errors import PetpipeError
-from petpipe.files import atomic_open, write_json, write_rows
+from petpipe.label_table import SPLITS, Item, LabelError, LabelTable
 
 # Other files (the .mat files in the Pets images/ folder, READMEs, hidden files) are ignored.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SPLITS = ("train", "valid")
-TABLE_COLUMNS = ("path", "label", "split")
-IS_VALID = {
-    "1": True,
-    "true": True,
-    "yes": True,
-    "0": False,
-    "false": False,
-    "no": False,
-}  # values of a csv's is_valid column
-
-
-class LabelError(PetpipeError, ValueError):
-    """The dataset cannot be labelled as configured; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Item:
-    path: str  # POSIX path relative to the dataset root
-    label: str
-    split: str | None  # "train", "valid", or None until a split assigns one
-
-
-@dataclass
-class LabelTable:
-    items: list[Item]
-    classes: list[str]
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    warnings: list[str] = field(default_factory=list)
-
-    def counts(self) -> dict[str, int]:
-        splits = Counter(item.split for item in self.items)
-        return {
-            "n_train": splits["train"],
-            "n_valid": splits["valid"],
-            "n_classes": len(self.classes),
-            "n_skipped": len(self.skipped),
-        }
-
-    def indexed(self) -> list[tuple[str, int, str]]:
-        """(path, class index, split) per item: what the presize store is written from."""
-        index = {name: i for i, name in enumerate(self.classes)}
-        return [(item.path, index[item.label], item.split) for item in self.items]
+# Values of a csv's is_valid column.
+IS_VALID = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def make_table(
@@ -436,38 +392,3 @@ def check_table(table: LabelTable, rule: str, split: str = "random") -> None:
             f"labels.split: {split!r} gave {counts['n_train']} training and {counts['n_valid']} validation images; "
             f"both must be > 0 ({hint})"
         )
-
-
-# --- files -----------------------------------------------------------------------------------
-
-
-def write_table(table: LabelTable, out_dir: Path) -> dict[str, Path]:
-    """Write table.csv, classes.json and skipped.csv into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"table": out_dir / "table.csv", "classes": out_dir / "classes.json", "skipped": out_dir / "skipped.csv"}
-    with atomic_open(paths["table"]) as f:
-        writer = csv.writer(f)
-        writer.writerow(TABLE_COLUMNS)
-        writer.writerows((item.path, item.label, item.split) for item in table.items)
-    write_json(paths["classes"], table.classes)
-    write_rows(paths["skipped"], [{"path": p, "reason": r} for p, r in table.skipped], columns=["path", "reason"])
-    return paths
-
-
-def read_table(table_csv: Path, classes_json: Path) -> LabelTable:
-    """The labels stage's table and class list; a missing or inconsistent pair is a LabelError."""
-    try:
-        with open(table_csv, newline="") as f:
-            items = [Item(row["path"], row["label"], row["split"]) for row in csv.DictReader(f)]
-        classes = json.loads(classes_json.read_text())
-    except (OSError, KeyError, ValueError) as err:
-        raise LabelError(
-            f"cannot read the labels table {table_csv} / {classes_json} ({type(err).__name__}: {err}); re-run the "
-            "labels stage"
-        ) from None
-    unknown = sorted({item.label for item in items} - set(classes))
-    if unknown:
-        raise LabelError(
-            f"{table_csv} has labels missing from {classes_json}, e.g. {unknown[:3]}; re-run the labels stage"
-        )
-    return LabelTable(items, classes)

@@ -20,6 +20,7 @@ from petpipe import report_figures as rf
 from petpipe.figures import lr_find_figure
 from petpipe.files import staged_dir, write_bytes, write_json, write_rows, write_text
 from petpipe.report import DataInfo, LrInfo, RunInfo
+from petpipe.report_html import cards, render_html, table_html
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def build_report(
         ("batch", "A training batch", rp.batch_section(figures["show_batch"], len(data.batch))),
         ("curves", "Training curves", rp.curves_section(figures["curves"], run.curves)),
         ("lr-finder", "Learning-rate finder", rp.lr_section(figures["lr_find"], lr)),
-        ("metrics", "Final metrics", rp.cards(rp.metric_cards(metrics, len(interp.targets)))),
+        ("metrics", "Final metrics", cards(rp.metric_cards(metrics, len(interp.targets)))),
         ("confusion", "Confusion matrix", rp.confusion_section(figures, len(classes))),
         (
             "most-confused",
@@ -104,11 +105,11 @@ def build_report(
             rp.most_confused_section(confused, most_confused_min),
         ),
         ("top-losses", f"Top {len(worst)} losses", rp.top_losses_section(figures["top_losses"])),
-        ("per-class", "Per-class metrics", rp.table_html(per_class, tables["per_class"][1], sortable=True)),
+        ("per-class", "Per-class metrics", table_html(per_class, tables["per_class"][1], sortable=True)),
     ]
     title = f"petpipe report: {run.title}"
     return Report(
-        html=rp.render_html(title, rp.headline(metrics, len(interp.targets)), sections),
+        html=render_html(title, rp.headline(metrics, len(interp.targets)), sections),
         summary=rp.summary_markdown(
             title, metrics, len(interp.targets), confused, most_confused_min, profile, differences
         ),

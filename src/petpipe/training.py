@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from petpipe.augment import AugmentParams
-from petpipe.config import TrainConfig
+from petpipe.config_sections import TrainConfig
 from petpipe.data import DeviceLoader, make_loaders
 from petpipe.device import Runtime, make_runtime, seed_everything
 from petpipe.distributed import destroy_process_group, init_process_group, is_main, rank, world_size
