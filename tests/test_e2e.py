@@ -231,8 +231,8 @@ def test_forced_rerun_reproduces_the_same_bytes(repo):
 
 
 def test_editing_one_module_reruns_only_the_stages_that_import_it(repo):
-    """report.py (the HTML) is imported by the report stage alone: only it is out of date."""
-    module, lock = repo / "src/petpipe/report.py", repo / "dvc.lock"
+    """report_html.py (the page) is imported by the report stage alone: only it is out of date."""
+    module, lock = repo / "src/petpipe/report_html.py", repo / "dvc.lock"
     original, locked = module.read_text(), lock.read_text()
     module.write_text(original + "\n# an edit\n")
     try:

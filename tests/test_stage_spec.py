@@ -99,8 +99,8 @@ def test_fetch_and_labels_do_not_load_torch_code():
 
 
 def test_editing_the_report_html_code_touches_only_the_report_stage():
-    users = [stage for stage in STAGES if "src/petpipe/report.py" in declared_code(stage)]
-    assert users == ["report"]
+    for module in ("src/petpipe/report.py", "src/petpipe/report_html.py"):
+        assert [stage for stage in STAGES if module in declared_code(stage)] == ["report"], module
 
 
 def test_model_logging_touches_only_finetune_and_replay_no_stage():
