@@ -22,6 +22,7 @@ PARAMS = (
     "train.batch_size",
     "train.augment",
     "train.weight_decay",
+    "train.compile",
     "finetune.epochs",
     "finetune.pct_start",
 )
@@ -69,6 +70,7 @@ def run(
             lr_max=discriminative_lrs(lo, hi, len(layer_groups(model))),
             pct_start=cfg.finetune.pct_start,
             weight_decay=cfg.train.weight_decay,
+            compile=cfg.train.compile,
             checkpoint=final,
             metrics=metrics,
             plot=plot,

@@ -231,6 +231,11 @@ class TrainConfig(Section):
     weight_decay: Float = Field(
         ge=0, description="decoupled (AdamW) weight decay, fastai's default 0.01; not applied to norm layers and biases"
     )
+    compile: bool = Field(
+        description="`torch.compile` the model (mode `default`) for train_frozen's and finetune's training and "
+        "evaluation loops; compiled before the first epoch, its time recorded as `compile_seconds` and left out of "
+        "`train_images_per_s`. Pays off on GPUs and long runs (benchmarks/RESULTS.md)"
+    )
 
     @field_validator("weights")
     @classmethod

@@ -118,6 +118,11 @@ class DeviceLoader:
         return len(self.loader)
 
     @property
+    def batch_shape(self) -> tuple[int, int, int, int]:
+        """[B, 3, size, size] of a full batch as the model receives it."""
+        return (self.loader.batch_size, 3, self.size, self.size)
+
+    @property
     def generators(self) -> list[torch.Generator]:
         """Every random stream of this loader (shuffle and crop positions, augmentation): a resumed run restores
         them."""

@@ -191,11 +191,15 @@ def fit_one_cycle(
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
     resume: ResumePoint | None = None,
     on_resume: Callable[[int], None] | None = None,
+    compile: bool = False,
+    on_compiled: Callable[[float], None] | None = None,
 ) -> list[dict[str, float]]:
     """fastai's ``fit_one_cycle``: one cycle over all epochs; returns the per-epoch metrics.
 
     With ``resume``, the whole training state is saved after every epoch, and a saved state made
-    from the same params and inputs is continued from (its epochs are not trained again).
+    from the same params and inputs is continued from (its epochs are not trained again). With
+    ``compile``, the training and evaluation loops run the ``torch.compile``d model, compiled before the
+    first epoch (``on_compiled(seconds)``); ``model`` itself stays uncompiled (checkpoints, state dicts).
     """
     model.to(runtime.device, memory_format=runtime.memory_format)
     optimizer = make_optimizer(model, weight_decay, layer_groups(model))
@@ -231,6 +235,13 @@ def fit_one_cycle(
             ),  # timm heads that forward_features skips
         )
     )
+    eval_net = model
+    if compile:
+        net, eval_net = torch.compile(net), torch.compile(model)
+        seconds = compile_now(net, eval_net, model, example_batch(train_loader, runtime), runtime)
+        print(f"compile: {seconds:.1f} s (torch.compile, mode default)", flush=True)
+        if on_compiled:
+            on_compiled(seconds)
     for epoch in range(len(history), epochs):
         started = time.perf_counter()
         train_loss, images = train_one_epoch(
@@ -240,7 +251,7 @@ def fit_one_cycle(
             time.perf_counter() - started
         )  # train_one_epoch ends by reading the summed loss: the work is done
         train_loss, images = mean_over_ranks(train_loss, runtime.device), images * world_size()
-        row = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(model, valid_loader, runtime)}
+        row = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(eval_net, valid_loader, runtime)}
         # Throughput: the whole epoch (training pass and validation), and training images per second.
         row |= {"epoch_seconds": time.perf_counter() - started, "train_images_per_s": images / train_seconds}
         history.append(row)
@@ -253,6 +264,43 @@ def fit_one_cycle(
         if on_epoch_end:
             on_epoch_end(row)
     return history
+
+
+def example_batch(loader: DataLoader, runtime: Runtime) -> torch.Tensor:
+    """Zeros shaped like ``loader``'s training batches, on the device: what the graphs are compiled for."""
+    return torch.zeros(loader.batch_shape, device=runtime.device).contiguous(memory_format=runtime.memory_format)
+
+
+def compile_now(
+    net: nn.Module, eval_net: nn.Module, model: nn.Module, example: torch.Tensor, runtime: Runtime
+) -> float:
+    """Run the compiled training step's forward and backward, and an evaluation forward, on ``example``, so that
+    compiling happens here and not inside the first epoch; returns the seconds it took.
+
+    Nothing of the model's state changes: the gradients are dropped, the norm layers' running statistics and
+    the random generators (dropout) are restored. Another shape later (a last partial batch) compiles again.
+    """
+    started = time.perf_counter()
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
+    rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if runtime.device.type == "cuda" else None
+    net.train()
+    with runtime.autocast():
+        out = net(example)
+    out.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    eval_net.eval()
+    with torch.no_grad(), runtime.autocast():
+        eval_net(example)
+    with torch.no_grad():
+        for name, value in model.named_buffers():
+            value.copy_(buffers[name])
+    torch.random.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+    return time.perf_counter() - started
 
 
 def save_checkpoint(path: Path, model: nn.Module, *, meta: dict[str, Any]) -> None:

@@ -82,6 +82,7 @@ def fit_and_record(
     plot: Path,
     extra_metrics: dict[str, float] | None = None,
     resume: ResumePoint | None = None,
+    compile: bool = False,
 ) -> dict[str, float]:
     """Body of train_frozen and finetune: one-cycle fit, then checkpoint, metrics and curves, logged to ``run``.
 
@@ -99,6 +100,7 @@ def fit_and_record(
     run.log_params(
         {f"{stage}.lr_max_groups": [float(f"{lr:.4g}") for lr in lr_max], f"{stage}.normalize": normalization.as_dict()}
     )
+    timings: dict[str, float] = {}
     history = fit_one_cycle(
         model,
         train_loader,
@@ -113,8 +115,11 @@ def fit_and_record(
         ),
         resume=resume,
         on_resume=lambda epoch: run.set_tags({"petpipe.resumed_after_epoch": str(epoch)}),
+        compile=compile,
+        on_compiled=lambda seconds: timings.update(compile_seconds=seconds),
     )
-    extra_metrics = normalization.as_metrics() | (extra_metrics or {})  # the values used: recorded with the results
+    # The values used, recorded with the results; the compile time apart from the epochs' throughput.
+    extra_metrics = normalization.as_metrics() | timings | (extra_metrics or {})
     final = {k: v for k, v in history[-1].items() if k != "epoch"} | extra_metrics
     if is_main():
         save_checkpoint(checkpoint, model, meta={**meta, "stage": stage, "epochs": epochs})
