@@ -49,7 +49,15 @@ class Stepper:
     chosen kernel) and one synthetic batch on the device, ready for timed ``train_step`` calls."""
 
     def __init__(
-        self, runtime: Runtime, *, arch: str, size: int, batch_size: int, classes: int, fused: bool | None = None
+        self,
+        runtime: Runtime,
+        *,
+        arch: str,
+        size: int,
+        batch_size: int,
+        classes: int,
+        fused: bool | None = None,
+        compile: bool = False,
     ):
         seed_everything(0)
         self.runtime, self.batch_size = runtime, batch_size
@@ -60,13 +68,14 @@ class Stepper:
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
         self.images = torch.randn(batch_size, 3, size, size, device=runtime.device)
         self.targets = torch.randint(0, classes, (batch_size,), device=runtime.device)
+        self.net = torch.compile(self.model) if compile else self.model  # the first step compiles
 
     def seconds(self, steps: int) -> float:
         """Wall time of ``steps`` train steps, the device's queue drained at both ends."""
         synchronize(self.runtime.device)
         start = time.perf_counter()
         for _ in range(steps):
-            train_step(self.model, self.images, self.targets, self.optimizer, self.scaler, self.runtime)
+            train_step(self.net, self.images, self.targets, self.optimizer, self.scaler, self.runtime)
         synchronize(self.runtime.device)
         return time.perf_counter() - start
 
@@ -105,6 +114,29 @@ def compare_adamw(
         f"default kernel {1000 * default:.1f} ms/step ({batch_size / default:.1f} images/s): fused "
         f"x{default / fused:.2f}; "
         f"the pipeline uses the {used} kernel on {runtime.device.type}"
+    )
+
+
+def compare_compile(
+    runtime: Runtime, *, arch: str, size: int, batch_size: int, steps: int, warmup: int, classes: int, rounds: int = 4
+) -> str:
+    """``train.compile``: the compile time (the first compiled step), then eager and compiled bursts alternating
+    ``rounds`` times; median ms per step of each, and the steps after which compiling has paid for itself."""
+    eager = Stepper(runtime, arch=arch, size=size, batch_size=batch_size, classes=classes)
+    compiled = Stepper(runtime, arch=arch, size=size, batch_size=batch_size, classes=classes, compile=True)
+    compile_seconds = compiled.seconds(1)
+    per_step: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for stepper in (eager, compiled):
+        stepper.seconds(warmup)
+    for _ in range(rounds):
+        for name, stepper in (("eager", eager), ("compiled", compiled)):
+            per_step[name].append(stepper.seconds(steps) / steps)
+    eager_s, compiled_s = (statistics.median(per_step[k]) for k in ("eager", "compiled"))
+    saved = eager_s - compiled_s
+    pays = f"pays off after {compile_seconds / saved:.0f} steps" if saved > 0 else "never pays off here"
+    return (
+        f"torch.compile: {compile_seconds:.1f} s for the first step; eager {1000 * eager_s:.1f} ms/step, compiled "
+        f"{1000 * compiled_s:.1f} ms/step: x{eager_s / compiled_s:.2f}; {pays}"
     )
 
 
@@ -173,6 +205,9 @@ def main() -> None:
         action="store_true",
         help="also time torch's fused AdamW kernel against its default one, per precision",
     )
+    parser.add_argument(
+        "--compare-compile", action="store_true", help="also time torch.compile (train.compile) against eager"
+    )
     args = parser.parse_args()
 
     device = pick_device(args.device)
@@ -212,6 +247,16 @@ def main() -> None:
             "ms/step  "
             f"x{result['images_per_s'] / baseline:.2f} vs first  peak {result['peak_gib']:.2f} GiB"
         )
+        common = dict(
+            arch=args.arch,
+            size=args.size,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            classes=args.classes,
+        )
+        if args.compare_compile:
+            print("         " + compare_compile(runtime, **common))
         if args.compare_adamw:
             print(
                 "         "
