@@ -70,7 +70,7 @@ def copy_checkout(dest: Path) -> Path:
     return dest
 
 
-def lesson_params(archive: Path, repo: Path, dry_run: bool) -> dict:
+def lesson_params(archive: Path, repo: Path, dry_run: bool, arch: str | None) -> dict:
     """The pets profile with the generated archive and random weights (and tiny sizes for a dry run)."""
     params = yaml.safe_load((ROOT / "profiles/pets.yaml").read_text())
     params["data"].update(url=archive.relative_to(repo).as_posix(), sha256=None, md5=None, size=None)
@@ -81,6 +81,8 @@ def lesson_params(archive: Path, repo: Path, dry_run: bool) -> dict:
         params["train_frozen"]["epochs"] = 1
         params["lr_find"]["num_it"] = 10
         params["finetune"]["epochs"] = 1
+    if arch:
+        params["train"]["arch"] = arch
     return params
 
 
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=37)
     parser.add_argument("--dry-run", action="store_true", help="60 small images, resnet18 at 32 px, one epoch each")
     parser.add_argument("--out", type=Path, help="append the markdown table to this file")
+    parser.add_argument("--arch", help="train.arch instead of the profile's (a torchvision name or timm/<name>)")
     args = parser.parse_args(argv)
     images, classes, width, height = (60, 3, 64, 48) if args.dry_run else (args.images, args.classes, 500, 375)
     with tempfile.TemporaryDirectory(prefix="petpipe-lesson-") as tmp:
@@ -144,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"dataset: {images} JPEGs of {width}x{height} in {classes} classes, {time.perf_counter() - started:.1f} s"
         )
-        (repo / "params.yaml").write_text(yaml.safe_dump(lesson_params(archive, repo, args.dry_run), sort_keys=False))
+        (repo / "params.yaml").write_text(
+            yaml.safe_dump(lesson_params(archive, repo, args.dry_run, args.arch), sort_keys=False)
+        )
         rows = run_stages(repo)
     title = f"Lesson-1 pipeline, {images} generated images, {classes} classes" + (" (dry run)" if args.dry_run else "")
+    title += f", {args.arch}" if args.arch else ""
     report = table(rows, title)
     print(report)
     if args.out:
