@@ -54,7 +54,14 @@ def loaders(
         augment=augment_params(train.augment),
         generator=generator,
         normalization=normalization,
+        store_on_device=train.store_on_device,
     )
+
+
+def store_metrics(loader: object) -> dict[str, float]:
+    """The device store's copy time and device bytes, when ``loader`` gathers from one (else nothing)."""
+    names = ("store_copy_seconds", "store_device_bytes")
+    return {name: float(getattr(loader, name)) for name in names if hasattr(loader, name)}
 
 
 def restore_unfrozen(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
@@ -114,7 +121,9 @@ def fit_and_record(
         resume=resume,
         on_resume=lambda epoch: run.set_tags({"petpipe.resumed_after_epoch": str(epoch)}),
     )
-    extra_metrics = normalization.as_metrics() | (extra_metrics or {})  # the values used: recorded with the results
+    extra_metrics = (
+        normalization.as_metrics() | store_metrics(train_loader) | (extra_metrics or {})
+    )  # the values used: recorded with the results
     final = {k: v for k, v in history[-1].items() if k != "epoch"} | extra_metrics
     if is_main():
         save_checkpoint(checkpoint, model, meta={**meta, "stage": stage, "epochs": epochs})
