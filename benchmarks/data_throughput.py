@@ -335,8 +335,10 @@ def measure(
     seed: int,
     augment: AugmentParams,
     warmup: int,
+    store_on_device: bool | str = False,
 ) -> dict[str, object]:
-    """loader, (a), (b), (c) and (d) of one setting, on its presized store."""
+    """loader, (a), (b), (c) and (d) of one setting, on its presized store (``store_on_device``: as
+    ``train.store_on_device``; with the store on the device the raw loader is the gather there)."""
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(runtime.device)
     common = dict(
@@ -345,6 +347,7 @@ def measure(
         num_workers=num_workers,
         augment=augment,
         normalization=IMAGENET,
+        store_on_device=store_on_device,
     )
     train, _ = make_loaders(store_dir, runtime, generator=seed_everything(seed), **common)
     n_classes, batches_per_epoch = len(train.dataset.store.classes), len(train)
@@ -354,6 +357,7 @@ def measure(
         "raw_loader_images_per_s": images_per_s(train.loader, runtime.device),
         "loader_images_per_s": images_per_s(train, runtime.device),
         "augment_ms_per_batch": augment_ms_per_batch(train, repeats=max(5, batches_per_epoch)),
+        "store_copy_seconds": getattr(train, "store_copy_seconds", None),
     }
     del train  # stops its worker processes before training starts
     gc.collect()
@@ -678,6 +682,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-workers", default="auto", help="DataLoader workers: auto (0 on the CPU) or a number")
     parser.add_argument(
+        "--store-on-device",
+        choices=sorted(STORE_MODES),
+        default="false",
+        help="train.store_on_device for every setting; 'both': each setting with the host loader, then with the "
+        "store on the device (true), side by side (default: false)",
+    )
+    parser.add_argument(
         "--lr", type=float, default=3e-3, help="one-cycle maximum learning rate, every layer group (default 3e-3)"
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed train steps before (a)")
@@ -690,6 +701,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-fastai", action="store_true", help="skip the fastai comparison even if fastai is installed"
     )
     return parser.parse_args(argv)
+
+
+STORE_MODES = {"false": (False,), "true": (True,), "auto": ("auto",), "both": (False, True)}
+
+
+def store_label(store_on_device: bool | str) -> str:
+    """The suffix of a setting's row name: nothing for the host loader."""
+    return {False: "", True: " [store on device]", "auto": " [store on device: auto]"}[store_on_device]
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
@@ -722,26 +741,32 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             )
         store_dir, presize_rate, n_train, n_valid = stores[key]
         augment = fastai_augment(flip=setting.data != "digits")  # a mirrored digit is another glyph (as params.yaml)
-        ours = measure(
-            setting,
-            store_dir,
-            runtime,
-            epochs=epochs,
-            lr=args.lr,
-            num_workers=num_workers,
-            seed=args.seed,
-            augment=augment,
-            warmup=args.warmup,
-        )
-        row = {
-            "setting": setting.name,
-            **asdict(setting),
-            "epochs": epochs,
-            "n_train": n_train,
-            "n_valid": n_valid,
-            "presize_images_per_s": presize_rate,
-            "petpipe": ours,
-        }
+        for store_on_device in STORE_MODES[args.store_on_device]:
+            ours = measure(
+                setting,
+                store_dir,
+                runtime,
+                epochs=epochs,
+                lr=args.lr,
+                num_workers=num_workers,
+                seed=args.seed,
+                augment=augment,
+                warmup=args.warmup,
+                store_on_device=store_on_device,
+            )
+            rows.append(
+                {
+                    "setting": setting.name + store_label(store_on_device),
+                    **asdict(setting),
+                    "store_on_device": store_on_device,
+                    "epochs": epochs,
+                    "n_train": n_train,
+                    "n_valid": n_valid,
+                    "presize_images_per_s": presize_rate,
+                    "petpipe": ours,
+                }
+            )
+        row = rows[-1]
         if with_fastai:
             try:
                 row["fastai"] = measure_fastai(
@@ -750,7 +775,6 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             except Exception as err:  # an optional, untested-here comparison must not lose petpipe's numbers
                 traceback.print_exc()
                 row["fastai_error"] = f"{type(err).__name__}: {err}"
-        rows.append(row)
     machine["load_average_end"] = os.getloadavg()
     return {"machine": machine, "results": rows}
 

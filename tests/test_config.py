@@ -151,6 +151,8 @@ def test_missing_key_is_an_error():
             r"^train.num_workers: -1 is not allowed: give a number of worker processes >= 0, or 'auto'$",
         ),
         ("train.num_workers", "many", r"^train.num_workers: 'many' is not allowed"),
+        ("train.store_on_device", "yes", r"^train.store_on_device: 'yes' is not allowed: give auto, true or false$"),
+        ("train.store_on_device", 1, r"^train.store_on_device: 1 is not allowed: give auto, true or false$"),
         ("presize.size", 4, r"^presize.size: 4: input should be greater than or equal to 8$"),
         ("device", "gpu", r"^device: 'gpu' is not allowed; allowed: 'auto', 'cpu', 'cuda', 'mps'$"),
         ("precision", "fp8", r"^precision: 'fp8' is not allowed; allowed: 'auto', 'fp32', 'fp16', 'bf16'$"),
@@ -207,6 +209,8 @@ def test_augment_off_switch_and_auto_workers():
     cfg = config_from(raw)
     assert cfg.train.augment == "none" and cfg.train.num_workers == "auto"
     assert config_from(with_value("train.num_workers", 3)).train.num_workers == 3
+    for value in (True, False, "auto"):
+        assert config_from(with_value("train.store_on_device", value)).train.store_on_device == value
 
 
 def test_unknown_augment_key_lists_the_allowed_ones():

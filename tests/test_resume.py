@@ -20,6 +20,7 @@ from test_stage_spec import load_stage
 pytestmark = pytest.mark.slow
 EPOCHS = 6
 TIMING = ("epoch_seconds", "train_images_per_s")
+STORE = ("store_copy_seconds", "store_device_bytes")  # only with train.store_on_device
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def stage_args(params: Path, store: Path, out: Path) -> list[str]:
 
 
 def results(out: Path) -> tuple[dict, dict]:
-    metrics = {k: v for k, v in json.loads((out / "metrics.json").read_text()).items() if k not in TIMING}
+    metrics = {k: v for k, v in json.loads((out / "metrics.json").read_text()).items() if k not in TIMING + STORE}
     return metrics, torch.load(out / "stage1.pt", weights_only=True)["model"]
 
 
@@ -149,3 +150,23 @@ def test_a_state_from_other_params_is_discarded(params, presized_store, tmp_path
         and "continuing" not in rerun.stdout
     )
     assert len((out / "curve.csv").read_text().splitlines()) == 3
+
+
+def test_the_store_on_the_device_trains_exactly_as_the_host_loader(
+    params, presized_store, tmp_path, monkeypatch, mlflow_store, uninterrupted
+):
+    """train.store_on_device: true (on the CPU: the gather over the memory map) gives the host loader's metrics and
+    weights, and records the store's copy time and device bytes."""
+    raw = yaml.safe_load(params.read_text())
+    raw["train"]["store_on_device"] = True
+    params.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "device-store"
+    out.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    monkeypatch.chdir(out)
+    assert load_stage("train_frozen").main(stage_args(params, presized_store, out)) == 0
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["store_device_bytes"] > 0 and written["store_copy_seconds"] >= 0
+    metrics, weights = results(out)
+    assert metrics == uninterrupted[0]
+    assert all(torch.equal(weights[k], uninterrupted[1][k]) for k in weights)

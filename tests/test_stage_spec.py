@@ -13,7 +13,11 @@ from stage_code import ROOT, params_read, project_files
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 STAGES = list(PIPELINE["stages"])
 # Read by stages but without effect on any output: DVC must not re-run a stage when they change.
-NO_OUTPUT_EFFECT = {"train.num_workers": "speed only", "mlflow.register_as": "MLflow registry only"}
+NO_OUTPUT_EFFECT = {
+    "train.num_workers": "speed only",
+    "train.store_on_device": "speed only: the same batches from the host loader or the store on the device",
+    "mlflow.register_as": "MLflow registry only",
+}
 
 
 def load_stage(name: str):

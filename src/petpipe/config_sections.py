@@ -225,6 +225,12 @@ class TrainConfig(Section):
         "with the training threads), min(8, cores - 1) with a GPU. Results do not depend on it, so no stage re-runs "
         "when it changes"
     )
+    store_on_device: bool | Literal["auto"] = Field(
+        description="gather batches from the presized store held on the training device (no loader workers or "
+        "host copies): `auto` = on CUDA when it fits in half the free memory, else the host loader; `true` = always "
+        "(stops if it does not fit; the CPU gathers from the memory map); `false` = the host loader. Same batches "
+        "either way, so no stage re-runs when it changes"
+    )
     augment: AugmentConfig | Literal["none"] = Field(
         description="batch augmentation (the keys below), or `none` to switch it off for ablations"
     )
@@ -283,6 +289,13 @@ class TrainConfig(Section):
     def _workers(cls, value: Any) -> Any:
         if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"{value!r} is not allowed: give a number of worker processes >= 0, or 'auto'")
+        return value
+
+    @field_validator("store_on_device", mode="before")
+    @classmethod
+    def _store_on_device(cls, value: Any) -> Any:
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not allowed: give auto, true or false")
         return value
 
     @field_validator("augment", mode="before")

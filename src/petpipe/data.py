@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from petpipe import distributed
 from petpipe.augment import AugmentParams, train_batch, valid_batch
 from petpipe.device import Runtime
+from petpipe.device_store import DeviceStore, StoreBatches, wants_device_store
 from petpipe.errors import PetpipeError
 from petpipe.normalization import IMAGENET, Normalization
 from petpipe.presize import PresizedStore, default_workers
@@ -146,18 +147,48 @@ class DeviceLoader:
         device = self.runtime.device
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         ready = None
-        for images, targets in self.loader:
+        for work in self.pending():
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                staged = (
-                    self.transform(images.to(device, non_blocking=True)),
-                    targets.to(device, non_blocking=True),
-                    record_event(side),
-                )
+                staged = (*self.stage(work), record_event(side))
             if ready is not None:
                 yield hand_over(*ready)
             ready = staged
         if ready is not None:
             yield hand_over(*ready)
+
+    def pending(self) -> Iterator:
+        """The work of each batch, in order: here the host DataLoader's uint8 batches."""
+        return iter(self.loader)
+
+    def stage(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch's work on the device: copy (non-blocking from pinned memory on CUDA), transform."""
+        images, targets = batch
+        device = self.runtime.device
+        return self.transform(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
+
+
+class StoreLoader(DeviceLoader):
+    """A DeviceLoader over the store on the device (``device_store``): the host draws the batch's items and crop
+    positions, the device gathers the squares; the transform is the host loader's."""
+
+    loader: StoreBatches
+
+    def pending(self) -> Iterator[list[tuple[int, float]]]:
+        return self.loader.batch_keys()
+
+    def stage(self, keys: list[tuple[int, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = self.loader.gather(keys)
+        return self.transform(images), targets
+
+    @property
+    def store_copy_seconds(self) -> float:
+        """Seconds to copy the store to the device (shared by the stage's loaders; ~0 on the CPU: mapped)."""
+        return self.loader.device_store.copy_seconds
+
+    @property
+    def store_device_bytes(self) -> int:
+        """Bytes of the store (pixels and index) held on the device (on the CPU: mapped, not copied)."""
+        return self.loader.device_store.device_bytes
 
 
 def record_event(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
@@ -203,29 +234,47 @@ def make_loader(
     augment: AugmentParams | None = None,
     generator: torch.Generator | None = None,
     normalization: Normalization = IMAGENET,
+    device_store: DeviceStore | None = None,
+    rank: int | None = None,
+    world: int | None = None,
 ) -> DeviceLoader:
     """Training loader when ``generator`` is given (shuffled, random crops, augmented, last partial
-    batch dropped), else a validation loader (in store order, centre crops)."""
+    batch dropped), else a validation loader (in store order, centre crops).
+
+    With ``device_store`` the batches are gathered on the device from that copy of ``store`` (a
+    ``StoreLoader``: the same batches, no workers), else cut on the host by a DataLoader. ``rank`` and
+    ``world`` default to the torchrun process's."""
     dataset = SquareCrops(store, split)
     train = generator is not None
     # Training is sharded over torchrun processes (each takes its share of the global batch);
     # every process validates on the whole set, so the metrics need no gathering.
-    rank, world = (distributed.rank(), distributed.world_size()) if train else (0, 1)
+    rank = distributed.rank() if rank is None else rank
+    world = distributed.world_size() if world is None else world
+    rank, world = (rank, world) if train else (0, 1)
     if train:
-        batch_size = distributed.shard_batch_size(batch_size)
+        batch_size = distributed.shard_batch_size(batch_size, world)
     if store.size < size:
         raise PetpipeError(
             f"train.size {size} is larger than presize.size {store.size}: raise presize.size (and re-run presize) or "
             "lower train.size"
         )
+    sampler = CropSampler(len(dataset), generator, rank, world)
+    # A last batch of one image breaks BatchNorm in training mode; fastai drops it too.
+    drop_last = train and len(dataset) // world > batch_size
+    # Augmentation draws from its own stream, so the crop positions and shuffle order stay the same
+    # whether or not augmentation is on.
+    augment_generator = torch.Generator().manual_seed(generator.initial_seed() + 1 + rank) if train else None
+    transform = dict(size=size, augment=augment, generator=augment_generator, normalization=normalization)
+    if device_store is not None:
+        batches = StoreBatches(dataset, sampler, device_store, batch_size=batch_size, drop_last=drop_last)
+        return StoreLoader(batches, runtime, **transform)
     workers = resolve_workers(num_workers, runtime.device)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=CropSampler(len(dataset), generator, rank, world),
+        sampler=sampler,
         collate_fn=whole_batch,
-        # A last batch of one image breaks BatchNorm in training mode; fastai drops it too.
-        drop_last=train and len(dataset) // world > batch_size,
+        drop_last=drop_last,
         num_workers=workers,
         persistent_workers=workers > 0,
         # Not fork: the training process runs threads (MLflow's system metrics, the allocator) whose
@@ -234,12 +283,7 @@ def make_loader(
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=runtime.pin_memory,
     )
-    # Augmentation draws from its own stream, so the crop positions and shuffle order stay the same
-    # whether or not augmentation is on.
-    augment_generator = torch.Generator().manual_seed(generator.initial_seed() + 1 + rank) if train else None
-    return DeviceLoader(
-        loader, runtime, size=size, augment=augment, generator=augment_generator, normalization=normalization
-    )
+    return DeviceLoader(loader, runtime, **transform)
 
 
 def make_loaders(
@@ -252,11 +296,22 @@ def make_loaders(
     augment: AugmentParams | None,
     generator: torch.Generator,
     normalization: Normalization,
+    store_on_device: bool | str = False,
 ) -> tuple[DeviceLoader, DeviceLoader]:
     """Training loader (shuffled, random crops, augmented) and validation loader (in order, centre crops),
-    both normalised with ``normalization`` (the model's: see ``normalization.resolve_normalization``)."""
+    both normalised with ``normalization`` (the model's: see ``normalization.resolve_normalization``).
+
+    ``store_on_device`` (``train.store_on_device``: ``auto``, True, False) chooses between the host
+    loader and one copy of the store on the device that both loaders gather from (``device_store``)."""
     store = PresizedStore(store_dir)
-    common = dict(size=size, batch_size=batch_size, num_workers=num_workers, normalization=normalization)
+    on_device = wants_device_store(store, runtime.device, store_on_device)
+    common = dict(
+        size=size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        normalization=normalization,
+        device_store=DeviceStore(store, runtime.device) if on_device else None,
+    )
     return (
         make_loader(store, "train", runtime, augment=augment, generator=generator, **common),
         make_loader(store, "valid", runtime, **common),

@@ -53,9 +53,9 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     return tensor.item() / world_size()
 
 
-def shard_batch_size(batch_size: int) -> int:
-    """Images per process and step: the global ``train.batch_size`` split evenly."""
-    world = world_size()
+def shard_batch_size(batch_size: int, world: int | None = None) -> int:
+    """Images per process and step: the global ``train.batch_size`` split evenly over ``world`` (torchrun's)."""
+    world = world_size() if world is None else world
     if batch_size % world:
         raise PetpipeError(
             f"train.batch_size: {batch_size} does not split evenly over {world} processes; use a multiple of {world}"

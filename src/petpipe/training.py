@@ -54,7 +54,14 @@ def loaders(
         augment=augment_params(train.augment),
         generator=generator,
         normalization=normalization,
+        store_on_device=train.store_on_device,
     )
+
+
+def store_metrics(loader: object) -> dict[str, float]:
+    """The device store's copy time and device bytes, when ``loader`` gathers from one (else nothing)."""
+    names = ("store_copy_seconds", "store_device_bytes")
+    return {name: float(getattr(loader, name)) for name in names if hasattr(loader, name)}
 
 
 def restore_unfrozen(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
@@ -118,8 +125,9 @@ def fit_and_record(
         compile=compile,
         on_compiled=lambda seconds: timings.update(compile_seconds=seconds),
     )
-    # The values used, recorded with the results; the compile time apart from the epochs' throughput.
-    extra_metrics = normalization.as_metrics() | timings | (extra_metrics or {})
+    # The values used, recorded with the results; the compile time and the device store's copy apart from the
+    # epochs' throughput.
+    extra_metrics = normalization.as_metrics() | timings | store_metrics(train_loader) | (extra_metrics or {})
     final = {k: v for k, v in history[-1].items() if k != "epoch"} | extra_metrics
     if is_main():
         save_checkpoint(checkpoint, model, meta={**meta, "stage": stage, "epochs": epochs})
