@@ -50,8 +50,8 @@ class DataConfig(Section):
     )
     sha256: str | None = Field(
         pattern=r"^[0-9a-f]{64}$",
-        description="SHA-256 of the archive, checked before extraction; null skips the check and prints the digest "
-        "to pin",
+        description="SHA-256 of the archive, checked before extraction; null skips the check and prints the digest to "
+        "pin",
     )
     md5: str | None = Field(
         pattern=r"^[0-9a-f]{32}$",
@@ -61,8 +61,7 @@ class DataConfig(Section):
     size: int | None = Field(
         ge=1,
         description="size of the archive in bytes: a download whose server announces another size stops at once, a "
-        "cached or local archive "
-        "of another size is refused; null skips the check",
+        "cached or local archive of another size is refused; null skips the check",
     )
     max_members: int = Field(
         ge=1, description="most entries (files and folders) the archive may hold; more stops the extraction"
@@ -87,8 +86,7 @@ class LabelsConfig(Section):
     pattern: str | None = Field(description="rule `regex`: a regex with exactly one capture group, the label")
     regex_on: Literal["name", "path"] = Field(
         description="what the pattern (rule `regex`) or the function (rule `function`) is applied to: the file name "
-        "(fastai `from_name_re`, "
-        "`from_name_func`) or the path relative to the dataset"
+        "(fastai `from_name_re`, `from_name_func`) or the path relative to the dataset"
     )
     csv: str | None = Field(
         description="rule `csv`: file inside the dataset with `name,label` columns (and `is_valid` for `split: "
@@ -96,13 +94,11 @@ class LabelsConfig(Section):
     )
     function: str | None = Field(
         description="rule `function`: `module:callable` importable from the repository root, called with the file "
-        "name (or path, see "
-        "`regex_on`) and returning the label (fastai `from_name_func`)"
+        "name (or path, see `regex_on`) and returning the label (fastai `from_name_func`)"
     )
     split: Literal["random", "folder", "column", "file"] = Field(
         description="how the validation set is chosen: `random` (`valid_pct`), `folder` (`train/` and `valid/` "
-        "folders), `column` "
-        "(the csv's `is_valid`), `file` (`valid_file` / `train_file`); see *Validation split*"
+        "folders), `column` (the csv's `is_valid`), `file` (`valid_file` / `train_file`); see *Validation split*"
     )
     valid_pct: Float = Field(gt=0, lt=1, description="split `random`: share of the images drawn for validation")
     valid_file: str | None = Field(
@@ -157,8 +153,7 @@ class PresizeConfig(Section):
     size: int = Field(
         ge=8,
         description="shorter side of every stored image, in pixels (fastai's item transform `Resize(460)` for 224 px "
-        "training); "
-        "larger keeps more detail for zoom and crops, at size x size x aspect x 3 bytes per image on disk",
+        "training); larger keeps more detail for zoom and crops, at size x size x aspect x 3 bytes per image on disk",
     )
 
 
@@ -196,10 +191,8 @@ class TrainConfig(Section):
     arch: str = Field(
         pattern=r"^([a-z][a-z0-9_]*|timm/[a-z][a-z0-9_]*(\.[a-z0-9_\-]+)?)$",
         description="torchvision classification model (`resnet34`, `convnext_tiny`) or `timm/<name>` with an optional "
-        "pretrained tag "
-        "(`timm/convnext_tiny.fb_in22k`, `timm/tf_efficientnet_lite0`), built as fastai's `vision_learner` builds it; "
-        "checked when the "
-        "model is built, with close matches from both libraries",
+        "pretrained tag (`timm/convnext_tiny.fb_in22k`, `timm/tf_efficientnet_lite0`), built as fastai's "
+        "`vision_learner` builds it; checked when the model is built, with close matches from both libraries",
     )
     weights: str = Field(
         min_length=1,
@@ -211,9 +204,8 @@ class TrainConfig(Section):
     )
     normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | Literal["auto", "imagenet"] = Field(
         description="input mean/std: `auto` (those of the weights: timm's `pretrained_cfg`, torchvision's weights; "
-        "ImageNet's for "
-        "`weights: none`), `imagenet`, or `[[r, g, b], [r, g, b]]` (mean, std of values in [0, 1]). Recorded in the "
-        "checkpoint and the logged models"
+        "ImageNet's for `weights: none`), `imagenet`, or `[[r, g, b], [r, g, b]]` (mean, std of values in [0, 1]). "
+        "Recorded in the checkpoint and the logged models"
     )
     size: int = Field(
         ge=1, description="square image size the model sees, for training and validation (<= presize.size)"
@@ -221,15 +213,14 @@ class TrainConfig(Section):
     batch_size: int = Field(ge=1, description="mini-batch size")
     num_workers: int | Literal["auto"] = Field(
         description="DataLoader worker processes; `auto`: none on the CPU (the presized store is read by slicing, and "
-        "workers would compete "
-        "with the training threads), min(8, cores - 1) with a GPU. Results do not depend on it, so no stage re-runs "
-        "when it changes"
+        "workers would compete with the training threads), min(8, cores - 1) with a GPU. Results do not depend on it, "
+        "so no stage re-runs when it changes"
     )
     store_on_device: bool | Literal["auto"] = Field(
-        description="gather batches from the presized store held on the training device (no loader workers or "
-        "host copies): `auto` = on CUDA when it fits in half the free memory, else the host loader; `true` = always "
-        "(stops if it does not fit; the CPU gathers from the memory map); `false` = the host loader. Same batches "
-        "either way, so no stage re-runs when it changes"
+        description="gather batches from the presized store held on the training device (no loader workers or host "
+        "copies): `auto` = on CUDA when it fits in half the free memory, else the host loader; `true` = always (stops "
+        "if it does not fit; the CPU gathers from the memory map); `false` = the host loader. Same batches either "
+        "way, so no stage re-runs when it changes"
     )
     augment: AugmentConfig | Literal["none"] = Field(
         description="batch augmentation (the keys below), or `none` to switch it off for ablations"
@@ -375,9 +366,8 @@ class MlflowConfig(Section):
     register_as: str | None = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$",
         description="registered-model name for finetune's final model (the raw-image pyfunc), with the alias "
-        "`candidate` on the new "
-        "version; null registers nothing. Not a DVC dependency: changing it re-runs nothing (register an earlier "
-        "run's model in the UI)",
+        "`candidate` on the new version; null registers nothing. Not a DVC dependency: changing it re-runs nothing "
+        "(register an earlier run's model in the UI)",
     )
 
 
