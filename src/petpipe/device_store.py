@@ -145,6 +145,9 @@ class StoreBatches:
 
     def batch_keys(self) -> Iterator[list[tuple[int, float]]]:
         """The sampler's ``(item, crop position)`` draws, in batches."""
+        # The host DataLoader draws its workers' base seed from torch's global generator at the start of every
+        # pass (workers or not); drawing it here too keeps the global stream, and so dropout, the host loader's.
+        torch.empty((), dtype=torch.int64).random_()
         batch: list[tuple[int, float]] = []
         for key in self.sampler:
             batch.append(key)
