@@ -144,7 +144,11 @@ class StoreBatches:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def batch_keys(self) -> Iterator[list[tuple[int, float]]]:
-        """The sampler's ``(item, crop position)`` draws, in batches."""
+        """The sampler's ``(item, crop position)`` draws, in batches.
+
+        Each pass first takes one draw from torch's global generator, as a DataLoader's iterator does
+        (its base seed): the model's own draws (dropout) then see the host loader's global stream."""
+        torch.empty((), dtype=torch.int64).random_()
         batch: list[tuple[int, float]] = []
         for key in self.sampler:
             batch.append(key)
