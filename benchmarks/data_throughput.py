@@ -9,7 +9,8 @@ For each setting (dataset, arch, size, batch) it measures, on the same device an
            before any epoch; all cores)
 - loader   images/s of the training ``DeviceLoader`` alone, no model: slice, stack, copy to the
            device, augment, normalise; also the raw DataLoader (uint8, no copy or augmentation) and
-           ``augment.train_batch`` in ms per batch
+           ``augment.train_batch`` in ms per batch. With ``--store-on-device true`` (or ``both``: side
+           by side with the host loader) the store is on the device and the raw loader is the gather there
 - (a)      compute limit: images/s of ``engine.train_step`` (unfrozen model, AdamW from
            ``make_optimizer``) on one fixed float batch already on the device; warm-up steps excluded;
            timed in bursts before epoch 1 and after each epoch, so (a) and (b) see the same load

@@ -6,7 +6,9 @@ with its shorter side at ``presize.size``. The batch is stacked as uint8, copied
 device (pinned, non-blocking on CUDA) and augmented there in one resample (``augment``).
 
 Every random draw (shuffle order, crop positions, augmentation) comes from generators seeded in the
-training process, so results do not depend on ``num_workers``.
+training process, so results do not depend on ``num_workers``, nor on ``store_on_device``: with the
+store on the device (``device_store``) the host only draws the same indices and the device gathers
+the same squares (``StoreLoader``).
 """
 
 from __future__ import annotations

@@ -144,9 +144,10 @@ class StoreBatches:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def batch_keys(self) -> Iterator[list[tuple[int, float]]]:
-        """The sampler's ``(item, crop position)`` draws, in batches."""
-        # The host DataLoader draws its workers' base seed from torch's global generator at the start of every
-        # pass (workers or not); drawing it here too keeps the global stream, and so dropout, the host loader's.
+        """The sampler's ``(item, crop position)`` draws, in batches.
+
+        Each pass first takes one draw from torch's global generator, as a DataLoader's iterator does
+        (its base seed): the model's own draws (dropout) then see the host loader's global stream."""
         torch.empty((), dtype=torch.int64).random_()
         batch: list[tuple[int, float]] = []
         for key in self.sampler:
