@@ -249,13 +249,16 @@ def tiny_model(n_classes: int = 3) -> nn.Sequential:
     return PetpipeModel(body, create_head(8, n_classes), None)
 
 
-def test_compile_trains_the_same_model_and_times_the_compile_apart(loaders, monkeypatch):
+def test_compile_trains_the_same_model_and_times_the_compile_apart(loaders, request):
     """train.compile: the compiled loops give the eager results (within float rounding), the compile time is
     reported apart from the epochs, and the model keeps its own (uncompiled) state-dict keys."""
     import torch._inductor.config
 
-    # Inductor draws dropout masks with its own generator; eager's masks make the two runs comparable.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    # Inductor draws dropout masks with its own generator; eager's masks make the two runs comparable. (Not
+    # monkeypatch: torch's config module would lose the key when monkeypatch deletes what it did not find.)
+    patch = torch._inductor.config.patch(fallback_random=True)
+    patch.__enter__()
+    request.addfinalizer(lambda: patch.__exit__(None, None, None))
     train, valid = loaders
     runtime = make_runtime("cpu", "fp32")
     results, compiled_seconds = {}, []
