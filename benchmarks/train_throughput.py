@@ -220,6 +220,14 @@ def main() -> None:
         )
     )
     baseline = None
+    common = dict(
+        arch=args.arch,
+        size=args.size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        classes=args.classes,
+    )
     for name in args.precisions.split(","):
         runtime = Runtime(device, pick_precision(name, device))
         if args.check:
@@ -232,44 +240,17 @@ def main() -> None:
                     classes=args.classes,
                     checkpoint=Path(tmp) / "c.pt",
                 )
-        result = measure(
-            runtime,
-            arch=args.arch,
-            size=args.size,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            classes=args.classes,
-        )
+        result = measure(runtime, **common)
         baseline = baseline or result["images_per_s"]
         print(
             f"  {name:>5} -> {runtime.precision:>4}: {result['images_per_s']:8.1f} images/s  {result['step_ms']:8.1f} "
             "ms/step  "
             f"x{result['images_per_s'] / baseline:.2f} vs first  peak {result['peak_gib']:.2f} GiB"
         )
-        common = dict(
-            arch=args.arch,
-            size=args.size,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            classes=args.classes,
-        )
         if args.compare_compile:
             print("         " + compare_compile(runtime, **common))
         if args.compare_adamw:
-            print(
-                "         "
-                + compare_adamw(
-                    runtime,
-                    arch=args.arch,
-                    size=args.size,
-                    batch_size=args.batch_size,
-                    steps=args.steps,
-                    warmup=args.warmup,
-                    classes=args.classes,
-                )
-            )
+            print("         " + compare_adamw(runtime, **common))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ PARAMS = (
 
 
 def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Path, figure: Path) -> dict:
-    from petpipe.lr_find import record_lr_find, run_lr_find
+    from petpipe.lr_find import lr_find_summary, lr_range_test, record_lr_find
     from petpipe.normalization import from_meta
     from petpipe.tracking.runs import stage_run
     from petpipe.training import loaders, prepare, restore_unfrozen
@@ -44,7 +44,7 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Pa
         model, meta = restore_unfrozen(checkpoint)
         train_loader, _ = loaders(cfg.train, presized, runtime, generator, from_meta(meta))
         run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
-        curve, summary = run_lr_find(
+        curve = lr_range_test(
             model,
             train_loader,
             runtime,
@@ -53,6 +53,7 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Pa
             num_it=cfg.lr_find.num_it,
             weight_decay=cfg.train.weight_decay,
         )
+        summary = lr_find_summary(curve, cfg.lr_find.num_it)
         record_lr_find(run, curve, summary, result=result, plot=plot, figure=figure)
     return summary
 

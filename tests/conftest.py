@@ -68,12 +68,11 @@ def folder_dataset(tmp_path: Path) -> Path:
     return write_folder_dataset(tmp_path / "ds")
 
 
-def write_presized(root: Path, out_dir: Path, size: int = 24) -> Path:
-    """The presized store of a folder dataset (train/ and valid/ folders), as the presize stage writes it."""
+def folder_table(root: Path):
+    """The labels table of a folder dataset (train/ and valid/ folders), as the labels stage makes it."""
     from petpipe.labels import make_table
-    from petpipe.presize import write_store
 
-    table = make_table(
+    return make_table(
         root,
         rule="folder",
         images_dir=".",
@@ -84,6 +83,13 @@ def write_presized(root: Path, out_dir: Path, size: int = 24) -> Path:
         seed=0,
         split="folder",
     )
+
+
+def write_presized(root: Path, out_dir: Path, size: int = 24) -> Path:
+    """The presized store of a folder dataset (train/ and valid/ folders), as the presize stage writes it."""
+    from petpipe.presize import write_store
+
+    table = folder_table(root)
     items = table.indexed()
     write_store(root, items, out_dir, size=size, workers=1, classes=table.classes, progress=False)
     return out_dir

@@ -63,6 +63,19 @@ PET_BREEDS = [
     "yorkshire_terrier",
 ]
 PATHS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][0]["paths"]
+# The report's sections, in page order (their ids).
+SECTIONS = [
+    "run",
+    "data",
+    "batch",
+    "curves",
+    "lr-finder",
+    "metrics",
+    "confusion",
+    "most-confused",
+    "top-losses",
+    "per-class",
+]
 FINETUNE_EPOCHS = 3  # the pets profile has 2: the one param that differs
 
 

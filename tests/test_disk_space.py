@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, stage_env, write_folder_dataset, write_params
+from conftest import ROOT, folder_table, stage_env, write_folder_dataset, write_params
 from small_disk import can_mount_tmpfs, simulated_command, tmpfs_command
 
 from petpipe.label_table import write_table
-from petpipe.labels import make_table
 from petpipe.presize import store_bytes
 
 DISK = 256 * 1024  # bytes: the small disk's size and free space
@@ -34,17 +33,7 @@ def disk(tmp_path_factory) -> str:
 def inputs(tmp_path, mlflow_store):
     """33 images of 16 px in three classes, their labels table, and params for a 64 px store (about 400 KB)."""
     dataset = write_folder_dataset(tmp_path / "ds")
-    table = make_table(
-        dataset,
-        rule="folder",
-        images_dir=".",
-        pattern=None,
-        match_on="name",
-        csv_name=None,
-        valid_pct=0.2,
-        seed=0,
-        split="folder",
-    )
+    table = folder_table(dataset)
     write_table(table, tmp_path / "labels")
     params = yaml.safe_load((ROOT / "profiles/digits.yaml").read_text())
     params["presize"]["size"] = 64

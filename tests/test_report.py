@@ -13,25 +13,13 @@ import numpy as np
 import pytest
 import yaml
 from stage_code import ROOT
-from synthetic_report import FINETUNE_EPOCHS, PATHS, PET_BREEDS, report_stage, write_synthetic_run
+from synthetic_report import FINETUNE_EPOCHS, PATHS, PET_BREEDS, SECTIONS, report_stage, write_synthetic_run
 
 from petpipe import report as rp
 from petpipe import report_build as rb
 from petpipe import report_figures as rf
 from petpipe.report import DataInfo
 
-SECTIONS = [
-    "run",
-    "data",
-    "batch",
-    "curves",
-    "lr-finder",
-    "metrics",
-    "confusion",
-    "most-confused",
-    "top-losses",
-    "per-class",
-]
 FIGURES = {"show_batch", "class_counts", "curves", "lr_find", "confusion", "confusion_normalised", "top_losses"}
 TABLES = {"per_class", "most_confused", "confusion", "class_counts", "top_losses"}
 

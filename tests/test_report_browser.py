@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import BIN, stage_env
 from stage_code import ROOT
-from synthetic_report import PATHS, PET_BREEDS, write_synthetic_run
+from synthetic_report import PATHS, PET_BREEDS, SECTIONS, write_synthetic_run
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -21,18 +21,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's chromium and chromium-driver on PATH (apt-get install -y chromium chromium-driver; "
     ".ci/run installs them)",
 )
-SECTIONS = [
-    "run",
-    "data",
-    "batch",
-    "curves",
-    "lr-finder",
-    "metrics",
-    "confusion",
-    "most-confused",
-    "top-losses",
-    "per-class",
-]
 LOCAL = ("file://", "data:")  # the only requests a page opened from a file may make
 DVC_ENV = stage_env(DVC_NO_ANALYTICS="1")
 

@@ -198,23 +198,6 @@ def lr_find_summary(curve: dict[str, list[float]], num_it: int) -> dict[str, flo
     }
 
 
-def run_lr_find(
-    model: nn.Module,
-    loader: DataLoader,
-    runtime: Runtime,
-    *,
-    start_lr: float,
-    end_lr: float,
-    num_it: int,
-    weight_decay: float,
-) -> tuple[dict[str, list[float]], dict[str, float | str | None]]:
-    """The range test and its result file's content (``lr_find_summary``)."""
-    curve = lr_range_test(
-        model, loader, runtime, start_lr=start_lr, end_lr=end_lr, num_it=num_it, weight_decay=weight_decay
-    )
-    return curve, lr_find_summary(curve, num_it)
-
-
 def record_lr_find(
     run: StageRun,
     curve: dict[str, list[float]],
