@@ -59,11 +59,8 @@ step() {  # step TITLE COMMAND...: run it, its output into the log and the resul
 } >> "$OUT"
 
 for presize in "${PRESIZES[@]}"; do
-  step "data path, host loader, presize $presize" "$PY" benchmarks/data_throughput.py "${DATA[@]}" --presize "$presize"
-  if "$PY" benchmarks/data_throughput.py --help | grep -q -- --store-on-device; then
-    step "data path, device store, presize $presize" \
-      "$PY" benchmarks/data_throughput.py "${DATA[@]}" --presize "$presize" --store-on-device
-  fi
+  step "data path, host loader then device store, presize $presize" \
+    "$PY" benchmarks/data_throughput.py "${DATA[@]}" --presize "$presize" --store-on-device both
 done
 step "AdamW fused against foreach, with the check" "$PY" benchmarks/train_throughput.py "${STEPS[@]}" --check --compare-adamw
 step "train.compile on and off" "$PY" benchmarks/train_throughput.py "${STEPS[@]}" --compare-compile
