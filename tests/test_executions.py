@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -78,7 +79,8 @@ def path_of(ref: str) -> str:
 
 
 def run_stage(stage: str, params: Path) -> int:
-    argv = ["--params", str(params)] + [a for flag, ref in ARGS[stage].items() for a in (f"--{flag}", path_of(ref))]
+    args = {**ARGS[stage], "timing": f"timing/{stage}.json"}
+    argv = ["--params", str(params)] + [a for flag, ref in args.items() for a in (f"--{flag}", path_of(ref))]
     return load_stage(stage).main(argv)
 
 
@@ -92,10 +94,8 @@ def write_lock(stages: list[str]) -> None:
             for key in ("outs", "metrics")
             for o in pipeline[stage].get(key, [])
         ]
-        outs = [o.replace("${paths.", "").rstrip("}") for o in outs]
-        lock["stages"][stage] = {
-            "outs": [{"path": PATHS[o], "md5": dvc_digest(Path(PATHS[o]))} for o in outs if Path(PATHS[o]).exists()]
-        }
+        outs = [re.sub(r"\$\{paths\.(\w+)\}", lambda m: PATHS[m.group(1)], o) for o in outs]
+        lock["stages"][stage] = {"outs": [{"path": o, "md5": dvc_digest(Path(o))} for o in outs if Path(o).exists()]}
     Path("dvc.lock").write_text(yaml.safe_dump(lock))
 
 
@@ -169,6 +169,15 @@ def test_one_parent_per_execution_with_its_stages_as_children(executions):
         first.params
     )
     assert {"accuracy", "error_rate", "valid_loss", "train_frozen_seconds", "finetune_seconds"} <= set(second.metrics)
+    # Each stage's fixed cost: on the parent, and in its --timing file (choose_lr has no run, only the file).
+    for stage in TRACKED:
+        fixed = {f"{stage}_{part}_seconds" for part in ("startup", "work", "teardown")}
+        assert fixed <= set(first.metrics), stage
+    timing = json.loads((executions["work"] / PATHS["timing"] / "finetune.json").read_text())
+    assert set(timing) == {"startup_seconds", "work_seconds", "teardown_seconds"}
+    assert 0 < timing["work_seconds"] < second.metrics["finetune_seconds"] and timing["teardown_seconds"] >= 0
+    assert timing["work_seconds"] == pytest.approx(second.metrics["finetune_work_seconds"], abs=1e-3)
+    assert (executions["work"] / PATHS["timing"] / "choose_lr.json").exists()
     # A stage this execution skipped is linked to the run that produced its current outputs.
     first_runs = {
         r.info.run_name: r.info.run_id

@@ -15,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from petpipe import stage_clock
 from petpipe.config import Config, load_config
 from petpipe.errors import PetpipeError, disk_full_error
+from petpipe.files import write_json
 from petpipe.signals import stop_on_signals
 from petpipe.torchrun import relaunch_under_torchrun
 
@@ -37,10 +39,15 @@ def stage_main(
     Arguments named in ``multiple`` take one or more paths. Known user errors print one clear
     line and return 2, without a traceback; so does a disk that fills outside petpipe's own writers
     (which name the output they were writing). A training stage names its script (``torchrun_script``):
-    when ``distributed.*`` asks for several processes it runs again under torchrun (``launch``).
+    when ``distributed.*`` asks for several processes it runs again under torchrun (``launch``). The stage's
+    start-up, work and teardown seconds (``stage_clock``) go to ``--timing`` and the MLflow parent run.
     """
+    clock = stage_clock.CLOCK if argv is None else stage_clock.reset()  # a test calling main(): its own clock
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--timing", type=Path, help="JSON file for the stage's start-up, work and teardown seconds (a DVC metric)"
+    )
     for name, help_text in arguments:
         nargs = "+" if name in multiple else None
         parser.add_argument(
@@ -50,12 +57,17 @@ def stage_main(
     try:
         with stop_on_signals():  # SIGTERM ends the stage like Ctrl-C: cleanly
             cfg = load_config(args.params)
+            clock.begin_work()  # the stage run's body marks it again, nearer the work
             launched = (
                 launch(cfg, list(sys.argv[1:] if argv is None else argv), torchrun_script) if torchrun_script else None
             )
+            if launched is None:
+                run(cfg, **{name: getattr(args, name) for name, _ in arguments})
+            if clock.work_ended is None:
+                clock.end_work()
+            record_timing(clock, args.timing)
             if launched is not None:
                 return launched
-            run(cfg, **{name: getattr(args, name) for name, _ in arguments})
     except PetpipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -72,6 +84,17 @@ def stage_main(
         )
         return 130
     return 0
+
+
+def record_timing(clock: stage_clock.StageClock, path: Path | None) -> None:
+    """The stage's fixed cost, to its listeners (the MLflow parent run) and ``path``; one line on stdout."""
+    seconds = clock.finish()
+    if path is not None:
+        write_json(path, seconds)
+    print(
+        f"timing: start-up {seconds['startup_seconds']:.2f} s, work {seconds['work_seconds']:.2f} s, "
+        f"teardown {seconds['teardown_seconds']:.2f} s"
+    )
 
 
 def launch(cfg: Config, argv: list[str], script: str) -> int | None:

@@ -19,7 +19,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from petpipe import lineage
+from petpipe import lineage, stage_clock
 from petpipe.signals import deferred_stop
 from petpipe.tracking import links
 from petpipe.tracking.store import (
@@ -319,7 +319,11 @@ def stage_run(
                 handle.log_input_files(inputs, dataset)
             if stages and not handle.offline:
                 links.link_skipped_stages(client, experiment_id, parent_id, stages)
+        clock = stage_clock.CLOCK
+        clock.begin_work()
         yield handle
+        clock.end_work()
+        clock.on_finish(lambda seconds: log_fixed_cost(handle, seconds))
         if outputs:
             digests = handle.log_outputs(outputs)
             if dataset is not None and not inputs:  # fetch: its output is the dataset (hashed once, above)
@@ -332,6 +336,19 @@ def stage_run(
     finally:
         if handle is not None:  # else the setup failed before the stage run existed
             _finish(handle, status)
+
+
+def log_fixed_cost(handle: StageRun, seconds: dict[str, float]) -> None:
+    """``<stage>_startup_seconds`` (and work, teardown) on the parent, after the runs ended; never fails the stage."""
+    if handle.offline:
+        return  # not worth a replay: the stage's --timing file has them
+    metrics = {f"{handle.stage}_{key}": value for key, value in seconds.items()}
+    try:
+        handle.client.log_batch(
+            handle.parent_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()]
+        )
+    except Exception as err:  # the outputs are written and the runs ended: a lost timing is only a warning
+        print(f"warning: {handle.stage}'s start-up and teardown seconds were not logged ({err})", file=sys.stderr)
 
 
 def _finish(handle: StageRun, status: str) -> None:

@@ -1,0 +1,51 @@
+"""The stage clock: process start from the kernel (or the warm runner's client), work marks, the three spans."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from petpipe import stage_clock
+from petpipe.stage_clock import StageClock
+
+
+def test_the_process_start_is_the_kernels_not_the_import():
+    """A process that sleeps before importing the clock: its start-up includes the sleep."""
+    code = (
+        "import time; time.sleep(0.6); import sys; sys.path.insert(0, 'src');"
+        "from petpipe.stage_clock import process_start, IMPORTED; print(IMPORTED - process_start())"
+    )
+    waited = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.6 <= waited < 10
+
+
+def test_a_warm_process_takes_the_start_it_is_told(monkeypatch):
+    monkeypatch.setenv(stage_clock.START_ENV, "1234.5")
+    assert stage_clock.process_start() == 1234.5
+
+
+def test_start_up_work_and_teardown_come_from_the_marks():
+    clock = StageClock(started=time.time() - 2.0)
+    clock.begin_work()
+    time.sleep(0.2)
+    clock.begin_work()  # the later mark (the stage run's body) wins
+    time.sleep(0.3)
+    clock.end_work()
+    time.sleep(0.1)
+    heard = []
+    clock.on_finish(heard.append)
+    seconds = clock.finish()
+    assert heard == [seconds]
+    assert seconds["startup_seconds"] == pytest.approx(2.2, abs=0.1)
+    assert seconds["work_seconds"] == pytest.approx(0.3, abs=0.1)
+    assert seconds["teardown_seconds"] == pytest.approx(0.1, abs=0.1)
+
+
+def test_a_stage_without_marks_has_all_of_its_time_as_start_up():
+    clock = StageClock(started=time.time() - 1.0)
+    seconds = clock.seconds()
+    assert seconds["startup_seconds"] == pytest.approx(1.0, abs=0.1)
+    assert seconds["work_seconds"] == seconds["teardown_seconds"] == 0
