@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from petpipe.config import select_flat
+from petpipe.config import parse_yaml, select_flat
 from petpipe.files import md5_of
 
 PIPELINE_FILE = "dvc.yaml"
@@ -113,7 +113,7 @@ def _path_of(entry: Any) -> str:
 def load_stages(pipeline: Path) -> dict[str, dict[str, list[str]]]:
     """{stage: {"deps": [...], "outs": [...], "params": [...]}} with `${...}` vars resolved (outs include metrics and
     plots)."""
-    spec = yaml.safe_load(pipeline.read_text())
+    spec = parse_yaml(pipeline.read_text())
     variables: dict[str, Any] = {}
     for block in spec.get("vars", []):
         if isinstance(block, dict):
@@ -176,7 +176,7 @@ def dvc_digest(path: Path) -> str | None:
 def locked_digests(lock: Path) -> dict[str, str]:
     """{path: md5} of every stage output recorded in dvc.lock ({} without one)."""
     try:
-        spec = yaml.safe_load(lock.read_text()) or {}
+        spec = parse_yaml(lock.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
     return {o["path"]: o["md5"] for s in spec.get("stages", {}).values() for o in s.get("outs", []) if "md5" in o}

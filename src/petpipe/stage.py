@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from petpipe import stage_clock
+from petpipe import stage_clock, warm
 from petpipe.config import Config, load_config
 from petpipe.errors import PetpipeError, disk_full_error
 from petpipe.files import write_json
@@ -43,6 +43,8 @@ def stage_main(
     start-up, work and teardown seconds (``stage_clock``) go to ``--timing`` and the MLflow parent run.
     """
     clock = stage_clock.CLOCK if argv is None else stage_clock.reset()  # a test calling main(): its own clock
+    if argv is None and (code := warm.hand_off(Path(sys.argv[0]), sys.argv[1:], clock.started)) is not None:
+        return code  # the stage ran in a warm process (petpipe.warm)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     parser.add_argument(
