@@ -156,7 +156,8 @@ def connect(name: str) -> socket.socket | None:
 
 def start_server(name: str, script: Path) -> socket.socket | None:
     """Start a server for this environment and wait for its imports; None if it does not come up."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(Path(__file__).parents[1])] + base_path(script))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *base_path(script)])}
+    env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # should an import ask torch about CUDA: NVML, which a fork survives
     server = subprocess.Popen(
         [sys.executable, "-m", "petpipe.warm", "serve", name.lstrip("\0")],
         env=env,
