@@ -41,12 +41,12 @@ sys.exit(int(mode) if mode.isdigit() else 0)
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory):
-    """The stand-in stage script, and an environment of its own (so a server of its own, idle after 5 s)."""
+    """The stand-in stage script, and an environment of its own (so a server of its own)."""
     folder = tmp_path_factory.mktemp("warm")
     script = folder / "stages" / "fake.py"
     script.parent.mkdir()
     script.write_text(SCRIPT)
-    env = {**os.environ, warm.IDLE_ENV: "5", "WARM_TEST": str(folder)}
+    env = {**os.environ, warm.IDLE_ENV: "60", "ANSWER": "42"}  # any change to it would mean another server
     env.pop(warm.SWITCH_ENV, None)
     yield script, env
     subprocess.run(["pkill", "-f", f"petpipe.warm serve {name_of(script, env)}"], check=False)
@@ -86,16 +86,18 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="warm stage proc
 def test_the_stage_runs_forked_as_the_caller_would_run_it(stage, tmp_path):
     script, env = stage
     out = tmp_path / "seen.json"
-    for _ in range(2):  # the first starts the server, the second finds it
+    for expected in (99, 7):  # the first starts the server and runs cold (99), the second is forked by it
         done = subprocess.run(
             [sys.executable, "stages/fake.py", "7", str(out)],
             cwd=script.parents[1],
-            env={**env, "ANSWER": "42"},
+            env=env,
             capture_output=True,
             text=True,
             timeout=180,
         )
-        assert done.returncode == 7, done.stderr  # the stage's exit status, not 99 (cold)
+        assert done.returncode == expected, done.stderr
+        if expected == 99:
+            continue
         assert done.stdout == "to the caller's stdout\n" and "to the caller's stderr" in done.stderr
         seen = json.loads(out.read_text())
         assert seen["pid"] != os.getpid() and seen["cwd"] == str(script.parents[1])
@@ -128,9 +130,11 @@ def test_a_killed_caller_takes_the_stage_with_it(stage, tmp_path):
 
 def test_the_server_leaves_when_idle(stage, tmp_path):
     script, env = stage
+    env = {**env, warm.IDLE_ENV: "2"}  # another environment: a server of its own
     out = tmp_path / "seen.json"
-    done = subprocess.run([sys.executable, str(script), "0", str(out)], env=env, capture_output=True, timeout=180)
-    assert done.returncode == 0
+    for expected in (99, 0):
+        done = subprocess.run([sys.executable, str(script), "0", str(out)], env=env, capture_output=True, timeout=180)
+        assert done.returncode == expected
     name = name_of(script, env)
 
     def servers() -> list[str]:
@@ -138,7 +142,7 @@ def test_the_server_leaves_when_idle(stage, tmp_path):
         return listed.stdout.split()
 
     assert servers()
-    assert wait_for(lambda: not servers(), 30)  # idle 5 s, then gone
+    assert wait_for(lambda: not servers(), 30)  # idle 2 s, then gone
 
 
 def test_switched_off_or_inside_torchrun_the_stage_runs_cold(stage, tmp_path):
@@ -159,3 +163,9 @@ def test_another_environment_is_another_server_but_not_another_stage(monkeypatch
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # torch reads it when imported: the server's modules would differ
     assert warm.server_name(script) != name
     assert name.startswith(f"\0petpipe-warm-{os.getuid()}-")
+
+
+def test_the_execution_variable_is_lineages():
+    from petpipe import lineage
+
+    assert warm.EXECUTION_ENV == lineage.EXECUTION_ENV

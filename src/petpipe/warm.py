@@ -1,12 +1,14 @@
 """Warm stage processes: one server per environment holds torch, torchvision and MLflow imported, and forks a
 stage process for each stage script DVC starts, so the eight stages of a run pay those imports once, not eight times.
 
+The first stage of a run starts the server and runs cold beside its imports; the next ones are forked.
 The script DVC starts stays the stage's process as DVC sees it: it hands its command line, working folder,
 environment and standard streams to the server, forwards SIGINT and SIGTERM to the forked process, and exits
 with its exit code. If the script that DVC started dies (even by SIGKILL), the forked process kills itself.
-The server imports no petpipe code (each stage imports this checkout's, fresh), never touches a GPU or a thread
-pool (a fork would inherit them), only serves processes of its own user, and exits after ``IDLE_ENV`` seconds
-(default 30) with no stage running. Linux only; ``PETPIPE_WARM=0`` turns it off (every stage starts cold).
+Each forked process drops the server's petpipe modules (a stage imports this checkout's, fresh). The server
+never touches a GPU or a thread pool (a fork would inherit them), only serves processes of its own user, and
+exits after ``IDLE_ENV`` seconds (default 30) with no stage running. Linux only; ``PETPIPE_WARM=0`` turns it
+off (every stage starts cold).
 
     python -m petpipe.warm serve NAME          # what a stage script starts when no server of its environment runs
 """
@@ -32,8 +34,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from petpipe.lineage import EXECUTION_ENV, execution_key
 from petpipe.stage_clock import START_ENV
+
+EXECUTION_ENV = "PETPIPE_EXECUTION"  # lineage's; not imported here, so that a new server claims its name at once
 
 SWITCH_ENV = "PETPIPE_WARM"  # 0: every stage starts cold
 IDLE_ENV = "PETPIPE_WARM_IDLE"  # seconds a server waits for the next stage before it exits
@@ -55,7 +58,6 @@ PRELOAD = (  # what the stages import, heaviest first; none of it starts a threa
 )
 # Set by DVC or the shell per command: they reach the stage, but do not make another server.
 PER_COMMAND_ENV = {"DVC_STAGE", "PWD", "OLDPWD", "_", "SHLVL", START_ENV, EXECUTION_ENV}
-READY_SECONDS = 120.0  # the longest a stage waits for a new server's imports before it starts cold
 PEERCRED = struct.Struct("3i")  # pid, uid, gid of the process at the other end of a Unix socket
 
 
@@ -98,9 +100,12 @@ def hand_off(script: Path, argv: list[str], started: float) -> int | None:
     """Run the stage in a warm process and return its exit code; None: run it here (off, or no server)."""
     if not enabled():
         return None
+    from petpipe.lineage import execution_key
+
     name = server_name(script)
-    connection = connect(name) or start_server(name, script)
-    if connection is None:
+    connection = connect(name)
+    if connection is None:  # this stage runs cold, side by side with the new server's imports
+        start_server(name, script)
         return None
     with connection:
         request = {
@@ -154,11 +159,11 @@ def connect(name: str) -> socket.socket | None:
     return client
 
 
-def start_server(name: str, script: Path) -> socket.socket | None:
-    """Start a server for this environment and wait for its imports; None if it does not come up."""
+def start_server(name: str, script: Path) -> None:
+    """Start a server for this environment, in the background: it claims ``name`` at once, then imports."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *base_path(script)])}
     env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # should an import ask torch about CUDA: NVML, which a fork survives
-    server = subprocess.Popen(
+    subprocess.Popen(
         [sys.executable, "-m", "petpipe.warm", "serve", name.lstrip("\0")],
         env=env,
         cwd="/",
@@ -167,14 +172,6 @@ def start_server(name: str, script: Path) -> socket.socket | None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # no terminal signals: it outlives this stage, for the next one
     )
-    deadline = time.monotonic() + READY_SECONDS
-    while time.monotonic() < deadline:
-        if (connection := connect(name)) is not None:
-            return connection
-        if server.poll() is not None:  # it failed, or lost the race to another stage's server
-            return connect(name)
-        time.sleep(0.05)
-    return None
 
 
 @contextlib.contextmanager
@@ -198,17 +195,17 @@ def forwarding_signals(pid: int):
 
 
 def serve(name: str) -> None:
-    """Import ``PRELOAD``, then fork a stage process for each request until idle; exits at once if ``name`` is
-    taken (another stage started the same server first)."""
-    for module in PRELOAD:
-        with contextlib.suppress(ImportError):
-            __import__(module)
+    """Claim ``name`` (or exit: another stage started the same server first), import ``PRELOAD``, then fork a
+    stage process for each request until idle. A stage that connects during the imports waits in the backlog."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind("\0" + name)
     except OSError:
         return
-    listener.listen(16)
+    listener.listen(64)
+    for module in PRELOAD:
+        with contextlib.suppress(ImportError):
+            __import__(module)
     idle = float(os.environ.get(IDLE_ENV, "30"))
     children: set[int] = set()
     last_active = time.monotonic()
