@@ -280,8 +280,8 @@ def copy_project(dest: Path) -> Path:
 
 
 def stage_env(**extra: str) -> dict[str, str]:
-    """Environment for subprocesses: the venv first on PATH, no inherited MLflow/DVC settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    """Environment for subprocesses: the venv first on PATH, no inherited MLflow/DVC settings or execution key."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k != "PETPIPE_EXECUTION"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
