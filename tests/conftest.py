@@ -27,6 +27,27 @@ BIN = Path(sys.executable).parent
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 220)}
 
 
+# The longest modules (seconds alone on 2 cores), started first: with --dist loadfile a module runs on one worker, and
+# a long one handed out last would run alone at the end. test_e2e_experiments.py waits for the repository that
+# test_e2e.py builds (~65 s), so it comes after test_executions.py. pyproject.toml turns off pytest-xdist's own
+# order (most tests first), which would undo this one.
+LONGEST_FIRST = (
+    "test_e2e.py",  # ~135
+    "test_executions.py",  # ~60
+    "test_e2e_experiments.py",  # ~85
+    "test_resume.py",  # ~50
+    "test_executions_outage.py",  # ~25
+    "test_engine.py",  # ~20
+    "test_distributed.py",  # ~20
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules of LONGEST_FIRST first, in that order; the others after them, as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's tests keep their order
+
+
 def make_image(color: tuple[int, int, int], seed: int, size: int = 16) -> Image.Image:
     """A noisy square of one colour: trivially learnable, different pixels every time."""
     rng = np.random.default_rng(seed)
@@ -280,8 +301,8 @@ def copy_project(dest: Path) -> Path:
 
 
 def stage_env(**extra: str) -> dict[str, str]:
-    """Environment for subprocesses: the venv first on PATH, no inherited MLflow/DVC settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    """Environment for subprocesses: the venv first on PATH, no inherited MLflow/DVC settings or execution key."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k != "PETPIPE_EXECUTION"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env

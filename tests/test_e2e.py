@@ -1,95 +1,44 @@
 """The real pipeline, end to end: a copy of this project in a temporary git repository, a tiny
-generated dataset, real `make repro PROFILE=...`, `dvc repro`, `dvc exp run` (plain and queued),
-`dvc metrics show`, `dvc plots show` and the default sqlite MLflow store."""
+generated dataset, real `make repro PROFILE=...`, `dvc repro`, `dvc metrics show`, `dvc plots show`
+and the default sqlite MLflow store. Experiments (`dvc exp run`, plain and queued) and a DVC remote:
+tests/test_e2e_experiments.py, on a copy of the repository this module builds (tests/e2e_repo.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, copy_project, copy_store, make_tarball, stage_env, write_folder_dataset
+from conftest import stage_env
+from e2e_repo import (
+    CONSUMER,
+    TRACKED,
+    build,
+    new_runs,
+    publish,
+    publish_failure,
+    ran_stages,
+    run,
+    runs_by_stage,
+)
 
 pytestmark = pytest.mark.slow
 
-STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
-UNTRACKED = {"choose_lr"}  # bookkeeping stages without an MLflow run
-TRACKED = [s for s in STAGES if s not in UNTRACKED]
-
-
-def tiny_params(repo: Path, archive: Path) -> dict:
-    params = yaml.safe_load((ROOT / "profiles" / "digits.yaml").read_text())
-    params["data"].update(
-        url=archive.relative_to(repo).as_posix(), sha256=hashlib.sha256(archive.read_bytes()).hexdigest(), size=None
-    )
-    params["presize"]["size"] = 24
-    # A timm backbone with random weights (no network here), through every stage, the logged models and the report.
-    params["train"].update(
-        arch="timm/resnet10t", size=16, batch_size=12, num_workers=1
-    )  # one worker process: the multi-process loader path
-    params["train_frozen"]["epochs"] = 1
-    params["lr_find"].update(start_lr=1e-5, end_lr=10.0, num_it=30)
-    params["finetune"].update(epochs=1, max_lr="auto")
-    params["report"]["top_losses"] = 4
-    return params
-
-
-def run(cmd: list[str], repo: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=repo, env=stage_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def ran_stages(result: subprocess.CompletedProcess) -> list[str]:
-    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")]
-
-
-def runs_by_stage(repo: Path) -> dict[str, int]:
-    """Stage runs (tagged petpipe.stage) per stage; parent runs of whole executions are not counted."""
-    with sqlite3.connect(repo / "mlflow.db") as db:
-        rows = db.execute(
-            "SELECT t.value, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'petpipe.stage'"
-        ).fetchall()
-    assert all(status == "FINISHED" for _, status in rows), rows
-    out = dict.fromkeys(TRACKED, 0)
-    for name, _ in rows:
-        out[name] += 1
-    return out
-
-
-def new_runs(repo: Path, before: dict[str, int]) -> dict[str, int]:
-    return {stage: n - before[stage] for stage, n in runs_by_stage(repo).items() if n != before[stage]}
-
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, mlflow_template) -> Path:
-    tmp = tmp_path_factory.mktemp("e2e")
-    repo = copy_project(tmp / "repo")
-    archive = make_tarball(
-        write_folder_dataset(tmp / "src", per_class=8, valid_per_class=3), repo / "assets" / "tiny.tgz", top="tiny"
-    )
-    (repo / "profiles" / "tiny.yaml").write_text(yaml.safe_dump(tiny_params(repo, archive), sort_keys=False))
-    assert not (repo / "mlartifacts").exists()
-    copy_store(mlflow_template, repo / "mlflow.db")  # an empty, migrated store: creating one costs ~15 s
-    run(["git", "init", "-q", "-b", "main"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "tiny pipeline"], repo)
-    # The documented entry point, with this test run's environment as its venv.
-    # -o: never (re)install into the test run's own environment from this temporary copy.
-    result = run(
-        ["make", "-o", f"{Path(sys.prefix)}/bin/.installed", "repro", "PROFILE=tiny", f"VENV={Path(sys.prefix)}"], repo
-    )
-    assert ran_stages(result) == STAGES
-    assert (repo / "params.yaml").read_text() == (repo / "profiles/tiny.yaml").read_text()
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "pipeline results"], repo)  # experiments start from a committed dvc.lock
+def repo(request, tmp_path_factory, mlflow_template) -> Path:
+    try:
+        repo = build(tmp_path_factory.mktemp("e2e"), mlflow_template)
+    except BaseException as error:  # test_e2e_experiments.py waits for the copy: tell it there will be none
+        publish_failure(tmp_path_factory, error)
+        raise
+    if any(item.path.name == CONSUMER for item in request.session.items):
+        publish(repo, tmp_path_factory, mlflow_template)
     return repo
 
 
@@ -179,6 +128,9 @@ def test_one_mlflow_run_per_tracked_stage_in_the_repo_sqlite_store(repo):
         {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     )  # the values auto chose
     assert steps == [(1,)]
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        uris = [u for (u,) in db.execute("SELECT artifact_uri FROM runs")]
+    assert uris and all(u.startswith((repo / "mlartifacts").resolve().as_uri()) for u in uris), uris
     assert any((repo / "mlartifacts").rglob("report.html"))
     logged = list(
         (repo / "mlartifacts").rglob("MLmodel")
@@ -275,22 +227,6 @@ def test_editing_the_model_logging_or_the_replay_outdates_only_their_users(repo)
     assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
 
 
-def test_experiment_reruns_exactly_the_stages_that_read_the_param(repo):
-    before = runs_by_stage(repo)
-    result = run(["dvc", "exp", "run", "-n", "two-epochs", "-S", "finetune.epochs=2"], repo)
-    assert ran_stages(result) == ["finetune", "report"]
-    assert new_runs(repo, before) == {"finetune": 1, "report": 1}
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
-    names = {exp.get("name") for entry in shown for exp in entry.get("experiments") or []}
-    assert "two-epochs" in names
-    with sqlite3.connect(repo / "mlflow.db") as db:
-        tags = db.execute(
-            "SELECT t.value FROM tags t JOIN runs r ON t.run_uuid = r.run_uuid WHERE r.name = 'finetune' AND t.key = "
-            "'dvc.exp_name'"
-        ).fetchall()
-    assert tags == [("two-epochs",)]
-
-
 def test_speed_only_params_rerun_nothing(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["num_workers"] = 0
@@ -299,91 +235,6 @@ def test_speed_only_params_rerun_nothing(repo):
         assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}
     finally:
         run(["git", "checkout", "params.yaml"], repo)
-
-
-def queue_status(repo: Path) -> dict[str, str]:
-    """`dvc queue status` (a table: task, name, created, status) as {experiment name: status}."""
-    lines = run(["dvc", "queue", "status"], repo).stdout.splitlines()
-    rows = [line.split() for line in lines[1:] if line.strip() and not line.startswith("Worker status")]
-    return {row[1]: row[-1] for row in rows if len(row) >= 3}
-
-
-def wait_for_the_queue(repo: Path, timeout: float = 420) -> dict[str, str]:
-    """Poll `dvc queue status` until nothing is queued or running (or ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = queue_status(repo)
-        if not {"Queued", "Running"} & set(status.values()) or time.monotonic() > deadline:
-            return status
-        time.sleep(2)
-
-
-def test_two_queued_experiments_side_by_side_are_two_executions_in_the_repository_store(repo):
-    """`dvc queue start -j 2`: each experiment runs in its own temporary copy under .dvc/tmp, at the same
-    time; each is one parent run with its own stage runs, all in the repo's store."""
-    before = runs_by_stage(repo)
-    with sqlite3.connect(repo / "mlflow.db") as db:
-        old_parents = {
-            r for (r,) in db.execute("SELECT run_uuid FROM tags WHERE key = 'petpipe.kind' AND value = 'pipeline'")
-        }
-    for name, epochs in (
-        ("queued-a", 3),
-        ("queued-b", 4),
-    ):  # values no earlier test ran: DVC's run cache would restore those
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"finetune.epochs={epochs}"], repo)
-    run(["dvc", "queue", "start", "-j", "2"], repo)
-    status = wait_for_the_queue(repo)
-    run(
-        ["dvc", "queue", "stop", "--kill"], repo
-    )  # nothing should be left running; after a timeout, nothing may outlive the test
-    assert status == {"queued-a": "Success", "queued-b": "Success"}, status
-    assert new_runs(repo, before) == {"finetune": 2, "report": 2}
-    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
-    with sqlite3.connect(repo / "mlflow.db") as db:
-        parents = {
-            run_id: (name, start, end)
-            for run_id, name, start, end in db.execute(
-                "SELECT r.run_uuid, r.name, r.start_time, r.end_time FROM runs r JOIN tags t ON t.run_uuid = "
-                "r.run_uuid "
-                "WHERE t.key = 'petpipe.kind' AND t.value = 'pipeline'"
-            )
-            if run_id not in old_parents
-        }
-        children = {
-            parent: sorted(
-                n
-                for (n,) in db.execute(
-                    "SELECT r.name FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                    "WHERE t.key = 'mlflow.parentRunId' AND t.value = ?",
-                    (parent,),
-                )
-            )
-            for parent in parents
-        }
-        uris = [u for (u,) in db.execute("SELECT artifact_uri FROM runs WHERE name = 'finetune'")]
-    assert sorted(name for name, _, _ in parents.values()) == [
-        "queued-a",
-        "queued-b",
-    ]  # the parent is named after the experiment
-    assert list(children.values()) == [["finetune", "report"]] * 2
-    (_, start_a, end_a), (_, start_b, end_b) = parents.values()
-    assert start_a < end_b and start_b < end_a, "the two experiments did not run side by side"
-    assert all(u.startswith((repo / "mlartifacts").resolve().as_uri()) for u in uris), uris
-
-
-def test_dataset_travels_through_a_dvc_remote(repo, tmp_path):
-    """A second clone gets data/dataset from `dvc pull`, without the source archive."""
-    run(["dvc", "remote", "add", "-f", "-d", "store", str(tmp_path / "remote")], repo)
-    run(["dvc", "push", "fetch"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "results and remote"], repo)
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
-    (clone / "assets" / "tiny.tgz").unlink()  # the source is gone: only the remote can provide the data
-    run(["dvc", "pull", "fetch"], clone)
-    assert sorted(p.name for p in (clone / "data/dataset/train").iterdir()) == ["blue", "green", "red"]
-    status = run(["dvc", "status", "fetch"], clone)
-    assert "up to date" in status.stdout  # fetch would not run again on this machine
 
 
 def test_unknown_profile_is_a_clear_make_error(repo):

@@ -1,6 +1,7 @@
 """MLflow answers "which pipeline execution was better": the stage mains run in-process on tiny data,
 twice with different params, against a real `mlflow server`; then parent/child runs, lineage, the
-servable model in a fresh process, fail-fast on an unreachable server and an outage mid-stage."""
+servable model in a fresh process and the replay of a journal (tests/test_executions_outage.py: fail-fast on an
+unreachable server and an outage mid-stage)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,7 @@ import yaml
 from conftest import (
     BIN,
     ROOT,
-    copy_store,
-    free_port,
     make_tarball,
-    start_mlflow_server,
-    stop_mlflow_server,
     write_folder_dataset,
 )
 from mlflow.tracking import MlflowClient
@@ -317,91 +314,6 @@ def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(
     ] == pytest.approx(probability, abs=1e-4)
 
 
-def test_an_unreachable_server_fails_fast_with_one_line(tmp_path, monkeypatch, capsys):
-    uri = f"http://127.0.0.1:{free_port()}"  # nobody listens there
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    (tmp_path / "p.yaml").write_text((ROOT / "profiles/digits.yaml").read_text())
-    started = time.monotonic()
-    assert load_stage("fetch").main(["--params", "p.yaml", "--dataset", "dataset"]) == 2
-    elapsed = time.monotonic() - started
-    err = capsys.readouterr().err.strip()
-    assert elapsed < 20 and len(err.splitlines()) == 1, (elapsed, err)
-    assert uri in err and "unset MLFLOW_TRACKING_URI" in err and not (tmp_path / "dataset").exists()
-
-
-def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journal(
-    tmp_path, monkeypatch, capsys, mlflow_template, presized_store
-):
-    import torch
-
-    import petpipe.training as training
-
-    home = tmp_path / "server"
-    home.mkdir()
-    proc, url = start_mlflow_server(copy_store(mlflow_template, home / "mlflow.db").parent)
-    real_fit = training.fit_one_cycle
-
-    def fit_after_the_server_dies(*args, **kwargs):
-        stop_mlflow_server(proc)
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(training, "fit_one_cycle", fit_after_the_server_dies)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    monkeypatch.setenv("PETPIPE_EXECUTION", "outage")
-    params = yaml.safe_load((ROOT / "profiles/digits.yaml").read_text())
-    params.update(device="cpu")
-    params["train"].update(size=16, batch_size=12, num_workers=0)
-    params["train_frozen"]["epochs"] = 1
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
-    argv = [
-        "--params",
-        "p.yaml",
-        "--presized",
-        str(presized_store),
-        "--checkpoint",
-        "stage1.pt",
-        "--metrics",
-        "m.json",
-        "--plot",
-        "c.csv",
-    ]
-    try:
-        assert load_stage("train_frozen").main(argv) == 0
-    finally:
-        stop_mlflow_server(proc)
-        mlflow.set_tracking_uri(None)
-    assert set(torch.load(tmp_path / "stage1.pt", weights_only=True)) == {"model", "meta"}
-    assert "accuracy" in json.loads((tmp_path / "m.json").read_text()) and (tmp_path / "c.csv").read_text().startswith(
-        "epoch,"
-    )
-    err = capsys.readouterr().err
-    pending = list((tmp_path / ".petpipe/pending").glob("train_frozen-*.json"))
-    assert len(pending) == 1 and f"python -m petpipe.tracking.replay {pending[0]}" in err
-    calls = [name for name, _ in json.loads(pending[0].read_text())["calls"]]
-    assert "log_metrics" in calls and "log_artifact" in calls
-    # The server is back: the documented command logs what the stage kept, as a run of the same execution.
-    proc, url = start_mlflow_server(home)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    monkeypatch.setenv("PETPIPE_EXECUTION", "a later shell")  # replay takes the execution from the journal
-    monkeypatch.chdir(home)  # replay works from anywhere: it goes to the journal's folder
-    try:
-        run_id = replay(pending[0])
-        replayed = MlflowClient(url).get_run(run_id)
-        history = MlflowClient(url).get_metric_history(run_id, "train_loss")
-    finally:
-        stop_mlflow_server(proc)
-        mlflow.set_tracking_uri(None)
-    assert (
-        not pending[0].exists()
-        and replayed.info.status == "FINISHED"
-        and replayed.data.tags["petpipe.execution"] == "outage"
-    )
-    assert replayed.data.metrics["accuracy"] == json.loads((tmp_path / "m.json").read_text())["accuracy"]
-    assert replayed.data.params["train_frozen.epochs"] == "1" and len(history) == 1
-
-
 def test_replay_logs_the_final_model_only_if_it_is_the_trained_one_and_registers_nothing(
     executions, mlflow_server, monkeypatch, capsys
 ):
@@ -439,6 +351,9 @@ def test_replay_logs_the_final_model_only_if_it_is_the_trained_one_and_registers
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", client.get_experiment(executions["experiment_id"]).name)
+    # replay sets the process's PETPIPE_EXECUTION (the journal's): set here, so monkeypatch removes it afterwards
+    # (else the pipelines that later tests of this worker start would all be one execution, the last journal's).
+    monkeypatch.setenv("PETPIPE_EXECUTION", "a later shell")
     try:
         replayed = {name: client.get_run(replay(path)) for name, path in journals.items()}
     finally:

@@ -1,5 +1,5 @@
-"""petpipe.tracking.replay as the command an outage warning names. Replaying journals against a real server (a
-training stage's, and the final model's): tests/test_executions.py."""
+"""petpipe.tracking.replay as the command an outage warning names. Replaying journals against a real server: a
+training stage's in tests/test_executions_outage.py, the final model's in tests/test_executions.py."""
 
 import json
 import subprocess
