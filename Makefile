@@ -39,7 +39,9 @@ endif
 # processes they start, torch's default of one thread per core oversubscribes the cores
 # (benchmarks/RESULTS.md, "Test suite").
 PYTEST_WORKERS ?= 2
-TEST_ENV = PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
+# Warm stage processes (petpipe.warm) only where a test asks for them (the end-to-end pipeline, tests/test_warm.py):
+# a test running one stage would start a server (imports, memory) for nothing.
+TEST_ENV = PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PETPIPE_WARM=$${PETPIPE_WARM:-0}
 
 # One formatter and linter (ruff, settings in pyproject.toml); `ruff format .` rewrites, this only checks.
 lint: venv

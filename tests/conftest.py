@@ -301,8 +301,10 @@ def copy_project(dest: Path) -> Path:
 
 
 def stage_env(**extra: str) -> dict[str, str]:
-    """Environment for subprocesses: the venv first on PATH, no inherited MLflow/DVC settings or execution key."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k != "PETPIPE_EXECUTION"}
+    """Environment for subprocesses: the venv first on PATH, no inherited MLflow/DVC settings or execution key, and
+    nothing pytest changes per test (a warm stage server belongs to one environment: the module's tests share it)."""
+    dropped = ("PETPIPE_EXECUTION", "PYTEST_CURRENT_TEST")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k not in dropped}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env

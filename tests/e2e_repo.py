@@ -47,8 +47,13 @@ def tiny_params(repo: Path, archive: Path) -> dict:
     return params
 
 
+def pipeline_env() -> dict[str, str]:
+    """As a user runs the pipeline: with warm stage processes (the suite turns them off for single stages)."""
+    return stage_env(PETPIPE_WARM="1")
+
+
 def run(cmd: list[str], repo: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=repo, env=stage_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=repo, env=pipeline_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import stage_env
 from e2e_repo import (
     CONSUMER,
     TRACKED,
     build,
     new_runs,
+    pipeline_env,
     publish,
     publish_failure,
     ran_stages,
@@ -240,7 +240,7 @@ def test_speed_only_params_rerun_nothing(repo):
 def test_unknown_profile_is_a_clear_make_error(repo):
     # -o: never (re)install into the test run's own environment from this copy (its pyproject.toml may be newer).
     make = ["make", "-o", f"{Path(sys.prefix)}/bin/.installed", "repro", "PROFILE=nope", f"VENV={Path(sys.prefix)}"]
-    result = subprocess.run(make, cwd=repo, env=stage_env(), capture_output=True, text=True)
+    result = subprocess.run(make, cwd=repo, env=pipeline_env(), capture_output=True, text=True)
     assert (
         result.returncode != 0 and "no profile profiles/nope.yaml; have: digits.yaml" in result.stdout + result.stderr
     )
