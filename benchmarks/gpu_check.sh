@@ -8,7 +8,8 @@
 # Steps: (1) the data-path benchmark on CUDA, resnet34 224 px bf16 batch 64, host loader and device store at
 # presize 460 and 320 (b/a for each); (2) fused against foreach AdamW, with the checkpoint check; (3) train.compile
 # on and off; (4) the tests that only run with CUDA; (5) the whole lesson-1 pipeline on a generated Pets-sized
-# dataset (7,390 JPEGs of 500x375, 37 classes, weights none, the pets profile's epochs, LRs and sizes).
+# dataset (7,390 JPEGs of 500x375, 37 classes, weights none, the pets profile's epochs, LRs and sizes), with warm
+# stage processes (petpipe.warm: CUDA in forked stage processes) and again cold (PETPIPE_WARM=0).
 # Results: $GPU_CHECK_OUT (default gpu_check_results.md); the full log next to it (.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +67,7 @@ step "AdamW fused against foreach, with the check" "$PY" benchmarks/train_throug
 step "train.compile on and off" "$PY" benchmarks/train_throughput.py "${STEPS[@]}" --compare-compile
 step "CUDA tests" "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 step "lesson-1 pipeline" "$PY" benchmarks/lesson_pipeline.py "${LESSON[@]}"
+step "lesson-1 pipeline, cold stage processes" env PETPIPE_WARM=0 "$PY" benchmarks/lesson_pipeline.py "${LESSON[@]}"
 
 if (( ${#FAILED[@]} )); then
   printf 'failed: %s\n' "${FAILED[@]}" | tee -a "$OUT"

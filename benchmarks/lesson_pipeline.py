@@ -94,6 +94,12 @@ def stage_seconds(repo: Path) -> dict[str, float]:
     return {key.removesuffix("_seconds"): value for key, value in rows}
 
 
+def fixed_cost(repo: Path, stage: str) -> dict[str, float]:
+    """The stage's own record of its start-up and teardown seconds (metrics/timing/<stage>.json)."""
+    path = repo / "metrics" / "timing" / f"{stage}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def images_per_s(repo: Path, stage: str) -> float | None:
     path = repo / "metrics" / f"{stage}.json"
     return json.loads(path.read_text()).get("train_images_per_s") if path.exists() else None
@@ -118,6 +124,8 @@ def run_stages(repo: Path) -> list[dict]:
     for row in rows:
         row["work_s"] = tracked.get(row["stage"])
         row["images_per_s"] = images_per_s(repo, row["stage"])
+        timing = fixed_cost(repo, row["stage"])
+        row["startup_s"], row["teardown_s"] = timing.get("startup_seconds"), timing.get("teardown_seconds")
     return rows
 
 
@@ -125,8 +133,13 @@ def table(rows: list[dict], title: str) -> str:
     def cell(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}"
 
-    lines = [f"### {title}", "", "| stage | wall s | tracked work s | train images/s |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['stage']} | {cell(r['wall_s'])} | {cell(r['work_s'])} | {cell(r['images_per_s'])} |" for r in rows]
+    header = "| stage | wall s | tracked work s | start-up s | teardown s | train images/s |"
+    lines = [f"### {title}", "", header, "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        f"| {r['stage']} | {cell(r['wall_s'])} | {cell(r['work_s'])} | {cell(r['startup_s'])} | "
+        f"{cell(r['teardown_s'])} | {cell(r['images_per_s'])} |"
+        for r in rows
+    ]
     after_fetch = sum(r["wall_s"] for r in rows if r["stage"] != "fetch")
     lines += ["", f"Total wall time {sum(r['wall_s'] for r in rows):.1f} s; without fetch {after_fetch:.1f} s.", ""]
     return "\n".join(lines)
@@ -153,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows = run_stages(repo)
     title = f"Lesson-1 pipeline, {images} generated images, {classes} classes" + (" (dry run)" if args.dry_run else "")
+    title += ", warm stage processes" if os.environ.get("PETPIPE_WARM", "1") != "0" else ", cold stage processes"
     title += f", {args.arch}" if args.arch else ""
     report = table(rows, title)
     print(report)
