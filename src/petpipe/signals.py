@@ -15,8 +15,9 @@ second signal is raised at once, wherever the stage is.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 _received: int | None = None
 _deferring = 0  # depth of deferred_stop blocks
@@ -31,16 +32,25 @@ def _stop(signum: int, frame: object) -> None:
 
 
 @contextmanager
+def handling_stops(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """While inside: ``handler`` handles SIGTERM and SIGINT; the previous handlers are back afterwards."""
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
 def stop_on_signals() -> Iterator[None]:
     """While inside: SIGTERM and SIGINT raise ``KeyboardInterrupt`` and are remembered (until the block ends)."""
     global _received
     _received = None
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        with handling_stops(_stop):
+            yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         _received = None  # the stage is over: nothing is pending for code that runs after it
 
 

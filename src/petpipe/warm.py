@@ -34,6 +34,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from petpipe.signals import handling_stops
 from petpipe.stage_clock import START_ENV
 
 EXECUTION_ENV = "PETPIPE_EXECUTION"  # lineage's; not imported here, so that a new server claims its name at once
@@ -174,20 +175,14 @@ def start_server(name: str, script: Path) -> None:
     )
 
 
-@contextlib.contextmanager
-def forwarding_signals(pid: int):
+def forwarding_signals(pid: int) -> contextlib.AbstractContextManager[None]:
     """SIGINT and SIGTERM sent to this process go to the stage process ``pid`` (which stops cleanly on either)."""
 
     def forward(signum: int, frame: Any) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return handling_stops(forward)
 
 
 # ---------------------------------------------------------------------------------------------
