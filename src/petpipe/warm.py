@@ -88,6 +88,7 @@ def server_name(script: Path) -> str:
     server, as modules read some of these when they are imported."""
     packages = [p for p in base_path(script) if os.path.isdir(p)]
     identity = {
+        "server": [__file__, os.stat(__file__).st_mtime_ns],  # an edited warm.py: a new server for the new protocol
         "python": sys.executable,
         "path": base_path(script),
         "mtimes": [os.stat(p).st_mtime_ns for p in packages],
@@ -116,12 +117,15 @@ def hand_off(script: Path, argv: list[str], started: float) -> int | None:
             "env": {**os.environ, START_ENV: repr(started), EXECUTION_ENV: execution_key()},
             "path": sys.path,
         }
-        with standard_streams() as fds:
-            socket.send_fds(connection, [json.dumps(request).encode() + b"\n"], fds)
         reader = connection.makefile("rb")
-        first = reader.readline()
+        try:
+            with standard_streams() as fds:
+                socket.send_fds(connection, [json.dumps(request).encode() + b"\n"], fds)
+            first = reader.readline()
+        except OSError:
+            first = b""
         if not first:
-            return None  # the server would not fork (it is exiting): run here
+            return None  # the server did not fork (it was leaving, idle): run here
         pid = json.loads(first)["pid"]
         with forwarding_signals(pid):
             last = reader.readline()
