@@ -88,9 +88,12 @@ def lesson_params(archive: Path, repo: Path, dry_run: bool, arch: str | None) ->
 
 
 def stage_seconds(repo: Path) -> dict[str, float]:
-    """``<stage>_seconds`` logged on the parent run of the (one) execution in the repository's MLflow store."""
+    """The newest ``<stage>_seconds`` of each stage on a parent run in the repository's MLflow store (one
+    `dvc repro` per stage makes one execution per stage; repeated runs log newer values)."""
     with sqlite3.connect(repo / "mlflow.db") as db:
-        rows = db.execute("SELECT key, value FROM metrics WHERE key LIKE '%\\_seconds' ESCAPE '\\'").fetchall()
+        rows = db.execute(
+            "SELECT key, value FROM metrics WHERE key LIKE '%\\_seconds' ESCAPE '\\' ORDER BY timestamp"
+        ).fetchall()
     return {key.removesuffix("_seconds"): value for key, value in rows}
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesson_pipeline import copy_checkout  # noqa: E402
+from lesson_pipeline import copy_checkout, fixed_cost, stage_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = """#!/usr/bin/env bash
@@ -65,25 +64,6 @@ def shim_dir(folder: Path, log: Path) -> Path:
     return folder
 
 
-def tracked_seconds(repo: Path) -> dict[str, float]:
-    """``<stage>_seconds`` of the newest execution's parent run in the repository's MLflow store."""
-    with sqlite3.connect(repo / "mlflow.db") as db:
-        parent = db.execute(
-            "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-            "WHERE t.key = 'petpipe.kind' AND t.value = 'pipeline' ORDER BY r.start_time DESC LIMIT 1"
-        ).fetchone()
-        rows = db.execute(
-            "SELECT key, value FROM latest_metrics WHERE run_uuid = ? AND key LIKE '%\\_seconds' ESCAPE '\\'",
-            (parent[0],),
-        ).fetchall()
-    return {key.removesuffix("_seconds"): value for key, value in rows}
-
-
-def recorded_fixed_cost(repo: Path, stage: str) -> dict[str, float]:
-    path = repo / "metrics" / "timing" / f"{stage}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def accuracy(repo: Path) -> float | None:
     path = repo / "metrics" / "finetune.json"
     return json.loads(path.read_text()).get("accuracy") if path.exists() else None
@@ -101,13 +81,13 @@ def repro(repo: Path, shims: Path, log: Path, params: Path | None) -> dict:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"dvc repro -f failed in {repo}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    tracked = tracked_seconds(repo)
+    tracked = stage_seconds(repo)
     stages = {}
     for line in log.read_text().splitlines():
         script, start, end = line.split()
         stage = Path(script).stem
         stage_wall = float(end) - float(start)
-        recorded = recorded_fixed_cost(repo, stage)
+        recorded = fixed_cost(repo, stage)
         if recorded:
             fixed = stage_wall - recorded["work_seconds"]
         else:

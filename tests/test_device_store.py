@@ -36,10 +36,10 @@ def mixed_store(tmp_path_factory):
     return write_presized(root, root.parent / "store", size=12)
 
 
-def loaders(store_dir, store_on_device, *, batch_size=8, seed=0, augment=FASTAI_AUGMENT):
+def loaders(store_dir, store_on_device, *, batch_size=8, seed=0, augment=FASTAI_AUGMENT, runtime=CPU):
     return make_loaders(
         store_dir,
-        CPU,
+        runtime,
         size=10,
         batch_size=batch_size,
         num_workers=0,
@@ -176,22 +176,11 @@ def test_the_device_memory_decides_auto_and_true_fails_in_one_line(mixed_store, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_are_the_host_loaders(mixed_store):
-    runtime = make_runtime("cuda", "fp32")
-
-    def made(store_on_device):
-        return make_loaders(
-            mixed_store,
-            runtime,
-            size=10,
-            batch_size=8,
-            num_workers=0,
-            augment=fastai_augment(),
-            generator=torch.Generator().manual_seed(0),
-            normalization=IMAGENET,
-            store_on_device=store_on_device,
-        )
-
-    (host_train, host_valid), (store_train, store_valid) = made(False), made(True)
+    cuda = make_runtime("cuda", "fp32")
+    (host_train, host_valid), (store_train, store_valid) = (
+        loaders(mixed_store, False, runtime=cuda),
+        loaders(mixed_store, True, runtime=cuda),
+    )
     assert isinstance(store_train, StoreLoader) and store_train.loader.device_store.pixels.is_cuda
     assert_same_batches(epochs(store_train), epochs(host_train))
     assert_same_batches(epochs(store_valid), epochs(host_valid))

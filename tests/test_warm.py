@@ -87,20 +87,23 @@ def test_the_stage_runs_forked_as_the_caller_would_run_it(stage, tmp_path):
     script, env = stage
     out = tmp_path / "seen.json"
     for expected in (99, 7):  # the first starts the server and runs cold (99), the second is forked by it
-        done = subprocess.run(
+        caller = subprocess.Popen(
             [sys.executable, "stages/fake.py", "7", str(out)],
             cwd=script.parents[1],
             env=env,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=180,
         )
-        assert done.returncode == expected, done.stderr
+        stdout, stderr = caller.communicate(timeout=180)
+        assert caller.returncode == expected, stderr
         if expected == 99:
             continue
-        assert done.stdout == "to the caller's stdout\n" and "to the caller's stderr" in done.stderr
+        assert stdout == "to the caller's stdout\n" and "to the caller's stderr" in stderr
         seen = json.loads(out.read_text())
-        assert seen["pid"] != os.getpid() and seen["cwd"] == str(script.parents[1])
+        assert seen["pid"] != caller.pid and seen["cwd"] == str(
+            script.parents[1]
+        )  # another process, the caller's folder
         assert seen["argv"] == ["7", str(out)] and seen["answer"] == "42" and seen["main"] == "__main__"
         assert seen["file"] == str(script)
         assert time.time() - 200 < float(seen["start"]) < time.time()  # the caller's start, for the stage clock

@@ -287,8 +287,6 @@ def become(request: dict[str, Any]) -> None:
     for stream in (sys.stdout, sys.stderr):
         if stream.isatty():
             stream.reconfigure(line_buffering=True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def die_with_the_caller(connection: socket.socket) -> None:
