@@ -16,22 +16,24 @@ PARAMS = ("data.url", "data.sha256", "data.md5", "data.size", "data.max_members"
 
 def run(cfg: Config, *, dataset: Path) -> dict:
     from petpipe.fetch import fetch
+    from petpipe.stage_clock import phase
     from petpipe.tracking.runs import stage_run
     from petpipe.tracking.store import repo_root
 
     with stage_run(
         "fetch", select(cfg, PARAMS), resolved=flatten(cfg), dataset=dataset, outputs={"dataset": dataset}
     ) as mlflow_run:
-        result = fetch(
-            cfg.data.url,
-            dest=dataset,
-            root=Path.cwd(),
-            sha256=cfg.data.sha256,
-            md5=cfg.data.md5,
-            size=cfg.data.size,
-            max_members=cfg.data.max_members,
-            max_unpacked_bytes=cfg.data.max_unpacked_bytes,
-        )
+        with phase("fetch"):  # download (or the cached archive), checksum, extraction
+            result = fetch(
+                cfg.data.url,
+                dest=dataset,
+                root=Path.cwd(),
+                sha256=cfg.data.sha256,
+                md5=cfg.data.md5,
+                size=cfg.data.size,
+                max_members=cfg.data.max_members,
+                max_unpacked_bytes=cfg.data.max_unpacked_bytes,
+            )
         if cfg.data.sha256 is None and cfg.data.md5 is None:
             print(
                 "warning: data.sha256 and data.md5 are null, no checksum was checked; the archive's SHA-256 is "

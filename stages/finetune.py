@@ -38,6 +38,7 @@ def run(
     from petpipe.resume import resume_point
     from petpipe.schedule import discriminative_lrs
     from petpipe.serving import example_input
+    from petpipe.stage_clock import phase
     from petpipe.tracking.models import log_final_models
     from petpipe.tracking.runs import stage_run
     from petpipe.training import fit_and_record, loaders, prepare, restore_unfrozen
@@ -56,8 +57,10 @@ def run(
             device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend
         )
         lo, hi = read_chosen_lr(chosen_lr)
-        model, meta = restore_unfrozen(checkpoint)
-        train_loader, valid_loader = loaders(cfg.train, presized, runtime, generator, from_meta(meta))
+        with phase("build_model"):
+            model, meta = restore_unfrozen(checkpoint)
+        with phase("open_store"):
+            train_loader, valid_loader = loaders(cfg.train, presized, runtime, generator, from_meta(meta))
         result = fit_and_record(
             run,
             stage="finetune",
@@ -80,10 +83,11 @@ def run(
         # The execution's headline numbers on its parent run, and the final model, once: the network, and a pyfunc
         # taking raw images (registered as mlflow.register_as when it is set).
         run.log_headline(result)
-        store = PresizedStore(presized)
-        log_final_models(
-            run, final, presize_size=store.size, example=example_input(store), register_as=cfg.mlflow.register_as
-        )
+        with phase("model_logging"):
+            store = PresizedStore(presized)
+            log_final_models(
+                run, final, presize_size=store.size, example=example_input(store), register_as=cfg.mlflow.register_as
+            )
     return result
 
 

@@ -31,6 +31,7 @@ def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str
     from petpipe.files import write_json
     from petpipe.label_table import write_table
     from petpipe.labels import make_table
+    from petpipe.stage_clock import phase
     from petpipe.tracking.runs import stage_run
 
     with stage_run(
@@ -41,22 +42,24 @@ def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str
         dataset=dataset,
         outputs={"labels": out_dir, "metrics": metrics},
     ) as mlflow_run:
-        table = make_table(
-            dataset,
-            rule=cfg.labels.rule,
-            images_dir=cfg.labels.images_dir,
-            pattern=cfg.labels.pattern,
-            match_on=cfg.labels.regex_on,
-            csv_name=cfg.labels.csv,
-            function=cfg.labels.function,
-            split=cfg.labels.split,
-            valid_pct=cfg.labels.valid_pct,
-            valid_file=cfg.labels.valid_file,
-            train_file=cfg.labels.train_file,
-            seed=cfg.seed,
-            code_root=Path.cwd(),
-        )
-        files = write_table(table, out_dir)
+        with phase("table"):  # list, label and split the images
+            table = make_table(
+                dataset,
+                rule=cfg.labels.rule,
+                images_dir=cfg.labels.images_dir,
+                pattern=cfg.labels.pattern,
+                match_on=cfg.labels.regex_on,
+                csv_name=cfg.labels.csv,
+                function=cfg.labels.function,
+                split=cfg.labels.split,
+                valid_pct=cfg.labels.valid_pct,
+                valid_file=cfg.labels.valid_file,
+                train_file=cfg.labels.train_file,
+                seed=cfg.seed,
+                code_root=Path.cwd(),
+            )
+        with phase("write"):
+            files = write_table(table, out_dir)
         counts = table.counts()
         write_json(metrics, counts)
         mlflow_run.log_metrics(counts)

@@ -28,6 +28,7 @@ PARAMS = (
 def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Path, figure: Path) -> dict:
     from petpipe.lr_find import lr_find_summary, lr_range_test, record_lr_find
     from petpipe.normalization import from_meta
+    from petpipe.stage_clock import phase
     from petpipe.tracking.runs import stage_run
     from petpipe.training import loaders, prepare, restore_unfrozen
 
@@ -41,20 +42,24 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Pa
         system_metrics=True,
     ) as run:
         runtime, generator = prepare(device=cfg.device, precision=cfg.precision, seed=cfg.seed)
-        model, meta = restore_unfrozen(checkpoint)
-        train_loader, _ = loaders(cfg.train, presized, runtime, generator, from_meta(meta))
+        with phase("build_model"):
+            model, meta = restore_unfrozen(checkpoint)
+        with phase("open_store"):
+            train_loader, _ = loaders(cfg.train, presized, runtime, generator, from_meta(meta))
         run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
-        curve = lr_range_test(
-            model,
-            train_loader,
-            runtime,
-            start_lr=cfg.lr_find.start_lr,
-            end_lr=cfg.lr_find.end_lr,
-            num_it=cfg.lr_find.num_it,
-            weight_decay=cfg.train.weight_decay,
-        )
+        with phase("lr_range_test"):
+            curve = lr_range_test(
+                model,
+                train_loader,
+                runtime,
+                start_lr=cfg.lr_find.start_lr,
+                end_lr=cfg.lr_find.end_lr,
+                num_it=cfg.lr_find.num_it,
+                weight_decay=cfg.train.weight_decay,
+            )
         summary = lr_find_summary(curve, cfg.lr_find.num_it)
-        record_lr_find(run, curve, summary, result=result, plot=plot, figure=figure)
+        with phase("record"):  # result JSON, curve CSV, figure, MLflow
+            record_lr_find(run, curve, summary, result=result, plot=plot, figure=figure)
     return summary
 
 

@@ -21,6 +21,7 @@ def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_
     from petpipe.files import write_json
     from petpipe.label_table import read_table
     from petpipe.presize import default_workers, write_store
+    from petpipe.stage_clock import phase
     from petpipe.tracking.runs import stage_run
 
     with stage_run(
@@ -34,7 +35,8 @@ def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_
         table = read_table(table_csv, classes_json)
         items = table.indexed()
         workers = default_workers()
-        result = write_store(dataset, items, out_dir, size=cfg.presize.size, workers=workers, classes=table.classes)
+        with phase("store"):
+            result = write_store(dataset, items, out_dir, size=cfg.presize.size, workers=workers, classes=table.classes)
         counts = {"n_images": result.n_images, "n_skipped": result.n_skipped, "bytes": result.bytes}
         write_json(metrics, counts)
         mlflow_run.log_metrics(

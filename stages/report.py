@@ -102,6 +102,7 @@ def run(
     from petpipe.model import layer_groups
     from petpipe.normalization import from_meta
     from petpipe.presize import PresizedStore
+    from petpipe.stage_clock import phase
     from petpipe.tracking.runs import stage_run
     from petpipe.training import augment_params
 
@@ -124,7 +125,8 @@ def run(
         runtime = make_runtime(cfg.device, cfg.precision)
         mlflow_run.set_tags({"device": runtime.describe(), "precision": runtime.precision})
         store = PresizedStore(presized)
-        model, meta = restore(final)
+        with phase("build_model"):
+            model, meta = restore(final)
         normalization = from_meta(meta)  # what training used: the report shows and predicts what the model saw
         classes = meta["classes"]
         curves = {
@@ -164,7 +166,8 @@ def run(
             num_workers=0,
             normalization=normalization,
         )
-        logits, targets = predict(model.to(runtime.device, memory_format=runtime.memory_format), loader, runtime)
+        with phase("predict"):
+            logits, targets = predict(model.to(runtime.device, memory_format=runtime.memory_format), loader, runtime)
         preds = rb.Predictions(
             classes=classes,
             paths=[store.paths[int(i)] for i in loader.dataset.positions],
@@ -172,17 +175,24 @@ def run(
             metrics=classification_metrics(logits, targets),
             inputs=lambda items: ri.validation_inputs(loader, items),
         )
-        report = rb.build_report(
-            run_info, data, lr, preds, top_losses=cfg.report.top_losses, most_confused_min=cfg.report.most_confused_min
-        )
-
-        written = rb.write_report(
-            report, out_dir=out_dir, predictions=predictions, html_path=html_path, summary=summary, metrics=metrics
-        )
-        mlflow_run.log_metrics({**report.metrics, "report_seconds": time.perf_counter() - started})
-        mlflow_run.log_headline(report.metrics)
-        for path in written:
-            mlflow_run.log_artifact(path, "interpretation" if path.parent == out_dir else None)
+        with phase("figures"):
+            report = rb.build_report(
+                run_info,
+                data,
+                lr,
+                preds,
+                top_losses=cfg.report.top_losses,
+                most_confused_min=cfg.report.most_confused_min,
+            )
+        with phase("write"):
+            written = rb.write_report(
+                report, out_dir=out_dir, predictions=predictions, html_path=html_path, summary=summary, metrics=metrics
+            )
+        with phase("logging"):
+            mlflow_run.log_metrics({**report.metrics, "report_seconds": time.perf_counter() - started})
+            mlflow_run.log_headline(report.metrics)
+            for path in written:
+                mlflow_run.log_artifact(path, "interpretation" if path.parent == out_dir else None)
     print(
         f"report: {html_path} ({len(report.html):,} bytes), {summary}; accuracy {report.metrics['accuracy']:.4f} on "
         f"{len(targets)} "

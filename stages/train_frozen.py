@@ -37,6 +37,7 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: P
     from petpipe.normalization import resolve_normalization
     from petpipe.presize import PresizedStore
     from petpipe.resume import resume_point
+    from petpipe.stage_clock import phase
     from petpipe.tracking.runs import stage_run
     from petpipe.training import fit_and_record, loaders, prepare
 
@@ -54,14 +55,14 @@ def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: P
             device=cfg.device, precision=cfg.precision, seed=cfg.seed, backend=cfg.distributed.backend
         )
         classes = PresizedStore(presized).classes
-        model = build_model(
-            cfg.train.arch, len(classes), cfg.train.weights
-        )  # a weights problem stops here, before any training
-        normalization = resolve_normalization(
-            cfg.train.normalize, weights=cfg.train.weights, pretrained=model.pretrained_normalization
-        )
-        freeze_body(model)
-        train_loader, valid_loader = loaders(cfg.train, presized, runtime, generator, normalization)
+        with phase("build_model"):  # a weights problem stops here, before any training
+            model = build_model(cfg.train.arch, len(classes), cfg.train.weights)
+            normalization = resolve_normalization(
+                cfg.train.normalize, weights=cfg.train.weights, pretrained=model.pretrained_normalization
+            )
+            freeze_body(model)
+        with phase("open_store"):
+            train_loader, valid_loader = loaders(cfg.train, presized, runtime, generator, normalization)
         return fit_and_record(
             run,
             stage="train_frozen",

@@ -49,3 +49,28 @@ def test_a_stage_without_marks_has_all_of_its_time_as_start_up():
     seconds = clock.seconds()
     assert seconds["startup_seconds"] == pytest.approx(1.0, abs=0.1)
     assert seconds["work_seconds"] == seconds["teardown_seconds"] == 0
+
+
+def test_phases_split_the_work_and_the_rest_is_other():
+    clock = StageClock(started=time.time())
+    clock.begin_work()
+    clock.add_phase("epochs", 0.2)
+    clock.add_phase("checkpoint", 0.05)
+    clock.add_phase("epochs", 0.1)  # a phase entered twice is summed
+    time.sleep(0.5)
+    clock.end_work()
+    seconds = clock.seconds()
+    assert list(seconds["phases"]) == ["epochs", "checkpoint", "other"]
+    assert seconds["phases"]["epochs"] == pytest.approx(0.3)
+    assert seconds["phases"]["other"] == pytest.approx(seconds["work_seconds"] - 0.35, abs=0.002)
+    flat = stage_clock.flat_seconds(seconds)
+    assert flat["epochs_seconds"] == pytest.approx(0.3) and flat["work_seconds"] == seconds["work_seconds"]
+    assert "phases" not in flat
+
+
+def test_a_phase_block_counts_to_the_current_clock_also_when_it_raises():
+    clock = stage_clock.reset()
+    with pytest.raises(RuntimeError), stage_clock.phase("figures"):
+        time.sleep(0.1)
+        raise RuntimeError("boom")
+    assert clock.phases["figures"] == pytest.approx(0.1, abs=0.05)

@@ -93,9 +93,10 @@ def record_timing(clock: stage_clock.StageClock, path: Path | None) -> None:
     seconds = clock.finish()
     if path is not None:
         write_json(path, seconds)
+    phases = ", ".join(f"{name} {value:.2f}" for name, value in seconds["phases"].items())
     print(
         f"timing: start-up {seconds['startup_seconds']:.2f} s, work {seconds['work_seconds']:.2f} s, "
-        f"teardown {seconds['teardown_seconds']:.2f} s"
+        f"teardown {seconds['teardown_seconds']:.2f} s" + (f" (work: {phases})" if phases else "")
     )
 
 

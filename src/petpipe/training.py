@@ -8,6 +8,7 @@ of params (tests check their reads against dvc.yaml).
 from __future__ import annotations
 
 import atexit
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from petpipe.files import write_json, write_rows
 from petpipe.model import count_trainable, unfreeze
 from petpipe.normalization import Normalization, from_meta
 from petpipe.resume import ResumePoint, clear_state
+from petpipe.stage_clock import add_phase, phase
 from petpipe.tracking.runs import StageRun
 
 
@@ -108,6 +110,13 @@ def fit_and_record(
         {f"{stage}.lr_max_groups": [float(f"{lr:.4g}") for lr in lr_max], f"{stage}.normalize": normalization.as_dict()}
     )
     timings: dict[str, float] = {}
+    resumed_after: list[int] = []  # the epochs a resumed fit did not run again
+
+    def on_resume(epoch: int) -> None:
+        resumed_after.append(epoch)
+        run.set_tags({"petpipe.resumed_after_epoch": str(epoch)})
+
+    fit_started = time.perf_counter()
     history = fit_one_cycle(
         model,
         train_loader,
@@ -121,24 +130,35 @@ def fit_and_record(
             {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
         ),
         resume=resume,
-        on_resume=lambda epoch: run.set_tags({"petpipe.resumed_after_epoch": str(epoch)}),
+        on_resume=on_resume,
         compile=compile,
         on_compiled=lambda seconds: timings.update(compile_seconds=seconds),
     )
+    record_fit_phases(history[sum(resumed_after) :], time.perf_counter() - fit_started)
     # The values used, recorded with the results; the compile time and the device store's copy apart from the
     # epochs' throughput.
     extra_metrics = normalization.as_metrics() | timings | store_metrics(train_loader) | (extra_metrics or {})
     final = {k: v for k, v in history[-1].items() if k != "epoch"} | extra_metrics
-    if is_main():
-        save_checkpoint(checkpoint, model, meta={**meta, "stage": stage, "epochs": epochs})
-        write_json(metrics, final)
-        write_rows(plot, history)
+    with phase("checkpoint"):
+        if is_main():
+            save_checkpoint(checkpoint, model, meta={**meta, "stage": stage, "epochs": epochs})
+            write_json(metrics, final)
+            write_rows(plot, history)
     # Outputs first, then logging: an outage from here on cannot cost the written outputs.
-    run.log_metrics(extra_metrics)
-    run.log_artifact(plot, "curves")
+    with phase("logging"):
+        run.log_metrics(extra_metrics)
+        run.log_artifact(plot, "curves")
     if resume:
         clear_state(resume)  # the outputs are complete: nothing left to resume
     return final
+
+
+def record_fit_phases(new_epochs: list[dict[str, float]], fit_seconds: float) -> None:
+    """The fit's time as ``epochs`` (the training and validation passes of the epochs run here) and ``fit_setup``
+    (the rest: model to the device, optimizer, compilation, the per-epoch resume saves)."""
+    epoch_seconds = sum(row["epoch_seconds"] for row in new_epochs)
+    add_phase("epochs", epoch_seconds)
+    add_phase("fit_setup", max(0.0, fit_seconds - epoch_seconds))
 
 
 def augment_params(augment: AugmentParams | str) -> AugmentParams | None:

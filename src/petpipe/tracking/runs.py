@@ -322,12 +322,15 @@ def stage_run(
         clock = stage_clock.CLOCK
         clock.begin_work()
         yield handle
-        clock.end_work()
         clock.on_finish(lambda seconds: log_fixed_cost(handle, seconds))
         if outputs:
-            digests = handle.log_outputs(outputs)
+            with stage_clock.phase("digests"):
+                digests = handle.log_outputs(outputs)
             if dataset is not None and not inputs:  # fetch: its output is the dataset (hashed once, above)
                 handle.log_dataset(dataset, digests.get(str(dataset), ""))
+        clock.end_work()
+        if phases := clock.seconds()["phases"]:  # where the stage's work went, on its own run
+            handle.log_metrics({f"{name}_seconds": value for name, value in phases.items()})
         handle.log_summary({f"{stage}_seconds": time.monotonic() - started})
         status = "FINISHED"
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the stage turns it into KeyboardInterrupt)
@@ -342,7 +345,7 @@ def log_fixed_cost(handle: StageRun, seconds: dict[str, float]) -> None:
     """``<stage>_startup_seconds`` (and work, teardown) on the parent, after the runs ended; never fails the stage."""
     if handle.offline:
         return  # not worth a replay: the stage's --timing file has them
-    metrics = {f"{handle.stage}_{key}": value for key, value in seconds.items()}
+    metrics = {f"{handle.stage}_{key}": value for key, value in stage_clock.flat_seconds(seconds).items()}
     try:
         handle.client.log_batch(
             handle.parent_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()]
