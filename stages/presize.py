@@ -37,7 +37,12 @@ def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_
         workers = default_workers()
         with phase("store"):
             result = write_store(dataset, items, out_dir, size=cfg.presize.size, workers=workers, classes=table.classes)
-        counts = {"n_images": result.n_images, "n_skipped": result.n_skipped, "bytes": result.bytes}
+        counts = {
+            "n_images": result.n_images,
+            "n_skipped": result.n_skipped,
+            "bytes": result.bytes,  # the JPEGs on disk
+            "decoded_bytes": result.decoded_bytes,  # their pixels: what the device store holds
+        }
         write_json(metrics, counts)
         mlflow_run.log_metrics(
             {**counts, "seconds": result.seconds, "images_per_s": len(items) / max(result.seconds, 1e-9)}
@@ -46,7 +51,8 @@ def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_
     for path, reason in result.skipped[:10]:
         print(f"presize: skipped {path}: {reason}", file=sys.stderr)
     print(
-        f"presize: {result.n_images} images ({result.bytes / 2**20:.1f} MiB), {result.n_skipped} skipped, "
+        f"presize: {result.n_images} images ({result.bytes / 2**20:.1f} MiB of JPEGs, "
+        f"{result.decoded_bytes / 2**20:.1f} MiB decoded), {result.n_skipped} skipped, "
         f"{len(items) / max(result.seconds, 1e-9):.0f} images/s on {workers} processes -> {out_dir}"
     )
     return counts

@@ -153,7 +153,7 @@ def test_auto_is_the_host_loader_on_the_cpu_and_true_gathers_there(mixed_store):
     assert not isinstance(host_train, StoreLoader) and store_metrics(host_train) == {}
     store_train, _ = loaders(mixed_store, True)
     metrics = store_metrics(store_train)
-    assert metrics["store_device_bytes"] == store_bytes_on_device(store) == store.pixels.nbytes + 32 * len(store)
+    assert metrics["store_device_bytes"] == store_bytes_on_device(store) == store.decoded_bytes + 32 * len(store)
     assert 0 <= metrics["store_copy_seconds"] < 5
 
 

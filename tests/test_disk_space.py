@@ -42,9 +42,16 @@ def inputs(tmp_path, mlflow_store):
 
 
 def run_on_disk(
-    disk: str, folder: Path, stage_args: list[str], *, mlflow: str, reports_free: int | None = None, full: bool = False
+    disk: str,
+    folder: Path,
+    stage_args: list[str],
+    *,
+    mlflow: str,
+    reports_free: int | None = None,
+    full: bool = False,
+    size: int = DISK,
 ) -> tuple[int, str, list[str]]:
-    """The stage script ``stage_args[0]`` with ``folder`` on a disk of ``DISK`` bytes (``full``: full from the
+    """The stage script ``stage_args[0]`` with ``folder`` on a disk of ``size`` bytes (``full``: full from the
     start); ``reports_free``: the free space the stage reads instead, a disk that fills after the check.
     Returns (exit code, the last line of stderr, the files left on the disk)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,10 +59,10 @@ def run_on_disk(
         inner = [sys.executable, *stage_args]
         if reports_free is not None:
             inner = simulated_command(folder, PLENTY, reports_free, *stage_args)
-        command = tmpfs_command(folder, DISK, inner, fill=full)
+        command = tmpfs_command(folder, size, inner, fill=full)
     else:
-        free = reports_free if reports_free is not None else 0 if full else DISK
-        command = simulated_command(folder, 0 if full else DISK, free, *stage_args)
+        free = reports_free if reports_free is not None else 0 if full else size
+        command = simulated_command(folder, 0 if full else size, free, *stage_args)
     env = stage_env(MLFLOW_TRACKING_URI=mlflow)
     done = subprocess.run(command, cwd=folder.parent, env=env, capture_output=True, text=True, timeout=300, check=False)
     if disk == "tmpfs":
@@ -100,8 +107,11 @@ def test_presize_stops_before_any_work_when_the_store_cannot_fit(disk, inputs, t
 def test_a_disk_that_fills_mid_write_ends_presize_in_one_line_naming_the_file(disk, inputs, tmp_path):
     out = tmp_path / "disk/presized"
     args = presize_args(inputs, out, tmp_path)
-    code, line, left = run_on_disk(disk, out.parent, args, mlflow=inputs["mlflow"], reports_free=PLENTY)  # check passes
-    assert (code, line, left) == (2, f"error: {out}/pixels.u8: {FULL}", [])
+    small = 16 * 1024  # the 33 JPEGs at 64 px take ~40 KB: the disk fills in images.jpg, the first file written
+    code, line, left = run_on_disk(
+        disk, out.parent, args, mlflow=inputs["mlflow"], reports_free=PLENTY, size=small
+    )  # the check passes
+    assert (code, line, left) == (2, f"error: {out}/images.jpg: {FULL}", [])
 
 
 def test_a_full_disk_ends_labels_in_one_line_naming_the_file(disk, inputs, tmp_path):

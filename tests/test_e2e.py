@@ -50,7 +50,7 @@ def test_every_stage_writes_its_outputs(repo):
         "data/labels/skipped.csv",
         "reports/summary.md",
         "reports/predictions.csv",
-        "data/presized/pixels.u8",
+        "data/presized/images.jpg",
         "data/presized/index.npy",
         "data/presized/store.json",
         "data/presized/skipped.csv",
@@ -71,7 +71,8 @@ def test_every_stage_writes_its_outputs(repo):
     labels = json.loads((repo / "metrics/labels.json").read_text())
     assert labels == {"n_train": 24, "n_valid": 9, "n_classes": 3, "n_skipped": 0}
     presize = json.loads((repo / "metrics/presize.json").read_text())
-    assert presize == {"n_images": 33, "n_skipped": 0, "bytes": 33 * 24 * 24 * 3}
+    jpegs = (repo / "data/presized/images.jpg").stat().st_size
+    assert presize == {"n_images": 33, "n_skipped": 0, "bytes": jpegs, "decoded_bytes": 33 * 24 * 24 * 3}
     for stage in ("train_frozen", "finetune"):
         metrics = json.loads((repo / f"metrics/{stage}.json").read_text())
         assert {"train_loss", "valid_loss", "accuracy", "error_rate", "epoch_seconds", "train_images_per_s"} <= set(

@@ -133,7 +133,9 @@ def test_labels_then_presize_on_awkward_files_then_training(tiny_params, tmp_pat
         str(tmp_path / "p.json"),
     ]
     assert load_stage("presize").main(argv) == 0
-    assert json.loads((tmp_path / "p.json").read_text()) == {"n_images": 15, "n_skipped": 1, "bytes": 15 * 24 * 24 * 3}
+    counts = json.loads((tmp_path / "p.json").read_text())
+    jpegs = (store / "images.jpg").stat().st_size
+    assert counts == {"n_images": 15, "n_skipped": 1, "bytes": jpegs, "decoded_bytes": 15 * 24 * 24 * 3}
     skipped = (store / "skipped.csv").read_text().splitlines()
     assert (
         skipped[0] == "path,reason"

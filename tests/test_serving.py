@@ -14,7 +14,7 @@ from petpipe.augment import valid_batch
 from petpipe.engine import save_checkpoint
 from petpipe.errors import PetpipeError
 from petpipe.model import build_model
-from petpipe.presize import PresizedStore, decode_presized
+from petpipe.presize import PresizedStore, presized_pixels
 from petpipe.serving import ImageClassifier, example_input
 
 
@@ -53,17 +53,16 @@ def test_paths_bytes_and_base64_with_line_breaks_give_the_same_answer(classifier
     assert list(answers[0].columns) == ["label", "probability"] and set(answers[0]["label"]) <= set(classifier.classes)
 
 
-def test_the_network_input_is_the_training_validation_batch(classifier, presized_store, tmp_path):
-    from PIL import Image
-
+def test_the_network_input_is_the_training_validation_batch(classifier, presized_store):
+    """The original file, served, is exactly what validation fed the network: presized, the store's JPEG round
+    trip, the centre square, resized and normalised."""
     store = PresizedStore(presized_store)
-    index = int(store.indices("valid")[0])
-    square = store.image(index)
-    path = tmp_path / "square.png"
-    Image.fromarray(square).save(path)  # already presized and square: decoding it again changes nothing
-    expected = valid_batch(torch.from_numpy(square.copy()).permute(2, 0, 1)[None].contiguous(), size=16)
-    assert torch.equal(classifier.inputs([str(path)]), expected)
-    assert classifier.inputs([str(path)]).shape == (1, 3, 16, 16)
+    for index in store.indices("valid")[:3]:
+        original = presized_store.parent / "ds" / store.paths[int(index)]  # conftest's presized_store layout
+        square = store.square(int(index), 0.5)
+        expected = valid_batch(torch.from_numpy(square.copy()).permute(2, 0, 1)[None].contiguous(), size=16)
+        assert torch.equal(classifier.inputs([str(original)]), expected)
+        assert expected.shape == (1, 3, 16, 16)
 
 
 def test_a_wide_photo_is_cut_to_its_centre_square_as_in_validation(classifier, tmp_path):
@@ -74,7 +73,7 @@ def test_a_wide_photo_is_cut_to_its_centre_square_as_in_validation(classifier, t
     Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)).save(
         path
     )  # 20 x 50: the presize store would keep 24 x 60
-    presized = decode_presized(path, classifier.presize_size)
+    presized = presized_pixels(path, classifier.presize_size)
     assert presized.shape[:2] == (24, 60)
     centre = presized[:, 18:42]  # (60 - 24) / 2 = 18 columns cut on each side
     expected = valid_batch(torch.from_numpy(centre.copy()).permute(2, 0, 1)[None].contiguous(), size=16)

@@ -153,7 +153,8 @@ class PresizeConfig(Section):
     size: int = Field(
         ge=8,
         description="shorter side of every stored image, in pixels (fastai's item transform `Resize(460)` for 224 px "
-        "training); larger keeps more detail for zoom and crops, at size x size x aspect x 3 bytes per image on disk",
+        "training); larger keeps more detail for zoom and crops, at about size x size x aspect x 0.3 bytes per image "
+        "on disk (a quality-90 JPEG) and x 3 bytes decoded on the device",
     )
 
 
@@ -212,15 +213,16 @@ class TrainConfig(Section):
     )
     batch_size: int = Field(ge=1, description="mini-batch size")
     num_workers: int | Literal["auto"] = Field(
-        description="DataLoader worker processes; `auto`: none on the CPU (the presized store is read by slicing, and "
-        "workers would compete with the training threads), min(8, cores - 1) with a GPU. Results do not depend on it, "
-        "so no stage re-runs when it changes"
+        description="DataLoader worker processes; `auto`: none on the CPU (a presized JPEG decodes in a fraction of a "
+        "step, and workers would compete with the training threads), min(8, cores - 1) with a GPU. Results do not "
+        "depend on it, so no stage re-runs when it changes"
     )
     store_on_device: bool | Literal["auto"] = Field(
-        description="gather batches from the presized store held on the training device (no loader workers or host "
-        "copies): `auto` = on CUDA when it fits in half the free memory, else the host loader; `true` = always (stops "
-        "if it does not fit; the CPU gathers from the memory map); `false` = the host loader. Same batches either "
-        "way, so no stage re-runs when it changes"
+        description="decode the presized store once per stage on the training device (nvjpeg on CUDA) and gather "
+        "batches there (no loader workers or host copies): `auto` = on CUDA when the decoded store fits in half the "
+        "free memory, else the host loader; `true` = always (stops if it does not fit; the CPU decodes into memory); "
+        "`false` = the host loader, which decodes per image. Same batches either way (on the CPU; nvjpeg may differ "
+        "from libjpeg-turbo by a level), so no stage re-runs when it changes"
     )
     augment: AugmentConfig | Literal["none"] = Field(
         description="batch augmentation (the keys below), or `none` to switch it off for ablations"

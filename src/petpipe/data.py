@@ -1,19 +1,20 @@
 """Loaders over the presized store: uint8 square batches, augmented and normalised on the device.
 
-Per item the loader only slices: fastai's item transform (a square of side min(w, h) at a random
-position along the long side on train, the centre on valid) is a cut from an image already stored
-with its shorter side at ``presize.size``. The batch is stacked as uint8, copied to the training
+Per item the loader decodes one stored JPEG and slices: fastai's item transform (a square of side
+min(w, h) at a random position along the long side on train, the centre on valid) is a cut from an
+image already stored with its shorter side at ``presize.size``. The batch is stacked as uint8, copied to the training
 device (pinned, non-blocking on CUDA) and augmented there in one resample (``augment``).
 
 Every random draw (shuffle order, crop positions, augmentation) comes from generators seeded in the
 training process, so results do not depend on ``num_workers``, nor on ``store_on_device``: with the
 store on the device (``device_store``) the host only draws the same indices and the device gathers
-the same squares (``StoreLoader``).
+the same squares (``StoreLoader``, over ``StoreBatches``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from petpipe import distributed
 from petpipe.augment import AugmentParams, train_batch, valid_batch
 from petpipe.device import Runtime
-from petpipe.device_store import DeviceStore, StoreBatches, wants_device_store
+from petpipe.device_store import DeviceStore, wants_device_store
 from petpipe.errors import PetpipeError
 from petpipe.normalization import IMAGENET, Normalization
 from petpipe.presize import PresizedStore, default_workers
@@ -95,6 +96,45 @@ class CropSampler(Sampler):
         positions = torch.rand(self.n, generator=self.generator, dtype=torch.float64).tolist()
         mine = slice(self.rank, len(self) * self.world, self.world)
         yield from zip(order[mine], positions[mine])
+
+
+class StoreBatches:
+    """The host DataLoader's batches (same order, crops, sharding, drop_last), gathered from a ``DeviceStore``."""
+
+    def __init__(
+        self, dataset: SquareCrops, sampler: CropSampler, device_store: DeviceStore, *, batch_size: int, drop_last: bool
+    ):
+        self.dataset, self.sampler, self.device_store = dataset, sampler, device_store
+        self.batch_size, self.drop_last = batch_size, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def batch_keys(self) -> Iterator[list[tuple[int, float]]]:
+        """The sampler's ``(item, crop position)`` draws, in batches.
+
+        Each pass first takes one draw from torch's global generator, as a DataLoader's iterator does
+        (its base seed): the model's own draws (dropout) then see the host loader's global stream."""
+        torch.empty((), dtype=torch.int64).random_()
+        batch: list[tuple[int, float]] = []
+        for key in self.sampler:
+            batch.append(key)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch and not self.drop_last:
+            yield batch
+
+    def gather(self, keys: list[tuple[int, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 squares and labels of one batch of draws, on the device."""
+        items = self.dataset.positions[np.fromiter((i for i, _ in keys), dtype=np.int64, count=len(keys))]
+        positions = np.fromiter((p for _, p in keys), dtype=np.float64, count=len(keys))
+        return self.device_store.gather(items, positions)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The untransformed batches (what the host DataLoader yields, already on the device)."""
+        return (self.gather(keys) for keys in self.batch_keys())
 
 
 class DeviceLoader:
@@ -216,8 +256,9 @@ def hand_over(
 
 
 def resolve_workers(num_workers: int | str, device: torch.device) -> int:
-    """``auto``: no workers on the CPU (slicing is cheap; workers would take cores from the training
-    threads), ``min(8, cores - 1)`` with an accelerator, where the CPU is otherwise idle."""
+    """``auto``: no workers on the CPU (workers would take cores from the training threads, and a presized JPEG
+    decodes in well under a step's time per image at CPU training sizes), ``min(8, cores - 1)`` with an
+    accelerator, where the CPU is otherwise idle."""
     if num_workers != "auto":
         return int(num_workers)
     if device.type == "cpu":

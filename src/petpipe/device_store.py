@@ -1,24 +1,19 @@
-"""The presized store resident on the training device: batches gathered there, the host only draws indices.
+"""The presized store decoded once on the training device: batches gathered there, the host only draws indices.
 
-``DeviceStore`` holds the store's pixels as one flat uint8 tensor and its index (offsets, heights,
-widths, labels) on the device, copied once per stage in large chunks (through pinned memory on
-CUDA). On the CPU it is the memory map itself (no copy), so the CPU tests run the same gather as a
-GPU does. Every square of a presized image is rows of ``size * 3`` bytes at a fixed stride (the
-image's row length) from one origin, so a batch is one ``index_select`` of ``size`` rows per item
-from an overlapping-window view of the flat pixels: the same bytes ``PresizedStore.square`` cuts.
+``DeviceStore`` decodes every stored JPEG once per stage (batched nvjpeg on CUDA, libjpeg-turbo on
+the CPU) into one flat uint8 tensor of HxWx3 images back to back, with its index (offsets, heights,
+widths, labels) on the device. The CPU runs the same decode and gather as a GPU does, so the CPU
+tests prove the batches identical to the host loader's. Every square of a presized image is rows of
+``size * 3`` bytes at a fixed stride (the image's row length) from one origin, so a batch is one
+``index_select`` of ``size`` rows per item from an overlapping-window view of the flat pixels: the
+same bytes ``PresizedStore.square`` cuts.
 
-``StoreBatches`` draws the order and crop positions from the loader's ``CropSampler`` (so order,
-positions and DDP sharding are the host loader's by construction) and batches them as the host
-``DataLoader`` does (``drop_last`` included).
+This module knows the store and the device, not the loaders: ``data`` builds its batches on it.
 """
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,21 +21,18 @@ import torch
 from petpipe.errors import check_room
 from petpipe.presize import PresizedStore
 
-if TYPE_CHECKING:
-    from petpipe.data import CropSampler, SquareCrops
-
-CHUNK_BYTES = 256 * 2**20  # host-to-device copy size: large enough for full PCIe speed, small pinned buffer
+DECODE_CHUNK = 256  # JPEGs per batched decode call: enough to fill nvjpeg, a few hundred MB of output at most
 AUTO_SHARE = 0.5  # ``auto`` keeps the store on the device only when it takes at most this share of the free memory
 NO_ROOM_FIX = "set train.store_on_device: auto (the host loader when the store does not fit) or lower presize.size"
 
 
 def store_bytes_on_device(store: PresizedStore) -> int:
-    """Device bytes of the store: its pixels plus the index (offsets, heights, widths, labels as int64)."""
-    return int(store.pixels.nbytes) + 4 * 8 * len(store)
+    """Device bytes of the decoded store: its pixels plus the index (offsets, heights, widths, labels as int64)."""
+    return store.decoded_bytes + 4 * 8 * len(store)
 
 
 def free_device_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device; None elsewhere (the CPU maps the store: nothing is copied)."""
+    """Free memory of a CUDA device; None elsewhere."""
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
@@ -55,7 +47,7 @@ def wants_device_store(store: PresizedStore, device: torch.device, store_on_devi
             return False
         if needed > AUTO_SHARE * free:
             print(
-                f"train.store_on_device auto: the presized store ({needed:,} bytes) takes more than half of {device}'s "
+                f"train.store_on_device auto: the decoded store ({needed:,} bytes) takes more than half of {device}'s "
                 f"free memory ({free:,} bytes); using the host loader"
             )
             return False
@@ -66,40 +58,48 @@ def wants_device_store(store: PresizedStore, device: torch.device, store_on_devi
     return True
 
 
-def mapped_pixels(store: PresizedStore) -> torch.Tensor:
-    """The store's flat pixels as a tensor over the read-only memory map (no copy; never written to)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(store.pixels)
+def decoded_offsets(store: PresizedStore) -> np.ndarray:
+    """Where each image starts in the flat decoded pixels (bytes; images back to back in store order)."""
+    sizes = store.heights.astype(np.int64) * store.widths * 3
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
 
-def copy_pixels(store: PresizedStore, device: torch.device) -> torch.Tensor:
-    """The store's pixels on ``device``: the map itself on the CPU, else copied in chunks (pinned on CUDA)."""
-    source = mapped_pixels(store)
-    if device.type == "cpu":
-        return source
-    pixels = torch.empty(source.numel(), dtype=torch.uint8, device=device)
-    pinned = device.type == "cuda"
-    buffer = torch.empty(min(CHUNK_BYTES, source.numel()), dtype=torch.uint8, pin_memory=pinned)
-    for start in range(0, source.numel(), CHUNK_BYTES):
-        chunk = source[start : start + CHUNK_BYTES]
-        buffer[: len(chunk)].copy_(chunk)
-        pixels[start : start + len(chunk)].copy_(buffer[: len(chunk)], non_blocking=pinned)
-        if pinned:
-            torch.cuda.current_stream(device).synchronize()  # the buffer is refilled next
+def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEGs -> uint8 [3, H, W] images on ``device``: nvjpeg on CUDA (a failure there: the CPU decoder, then a
+    copy), libjpeg-turbo on the CPU."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if device.type == "cuda":
+        try:
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as err:
+            print(f"device store: nvjpeg failed ({err}); decoding on the CPU")
+    return [image.to(device) for image in decode_jpeg(encoded, mode=ImageReadMode.RGB)]
+
+
+def decode_store(store: PresizedStore, device: torch.device) -> torch.Tensor:
+    """Every stored image decoded on ``device``, HxWx3 back to back (``decoded_offsets``), as one flat tensor."""
+    pixels = torch.empty(store.decoded_bytes, dtype=torch.uint8, device=device)
+    offsets = decoded_offsets(store)
+    for first in range(0, len(store), DECODE_CHUNK):
+        items = range(first, min(first + DECODE_CHUNK, len(store)))
+        encoded = [torch.from_numpy(store.jpeg(i).copy()) for i in items]  # a copy: the map is read-only
+        for i, image in zip(items, decode_batch(encoded, device)):
+            start, height, width = int(offsets[i]), int(store.heights[i]), int(store.widths[i])
+            pixels[start : start + height * width * 3].view(height, width, 3).copy_(image.permute(1, 2, 0))
     return pixels
 
 
 class DeviceStore:
-    """The presized store's pixels and index on ``device``, with the copy's time and the device bytes it holds."""
+    """The presized store decoded on ``device``, with the decode's time and the device bytes it holds."""
 
     def __init__(self, store: PresizedStore, device: torch.device):
         started = time.perf_counter()
         self.store, self.device = store, device
-        self.pixels = copy_pixels(store, device)
+        self.pixels = decode_store(store, device)
         self.offsets, self.heights, self.widths, self.labels = (
             torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
-            for a in (store.offsets, store.heights, store.widths, store.labels)
+            for a in (decoded_offsets(store), store.heights, store.widths, store.labels)
         )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -128,42 +128,3 @@ class DeviceStore:
         rows = origin[:, None] + torch.arange(size, device=self.device)[None, :] * stride[:, None]
         images = self.rows.index_select(0, rows.reshape(-1)).view(len(items), size, size, 3)
         return images, self.labels[index]
-
-
-class StoreBatches:
-    """The host DataLoader's batches (same order, crops, sharding, drop_last), gathered from a ``DeviceStore``."""
-
-    def __init__(
-        self, dataset: SquareCrops, sampler: CropSampler, device_store: DeviceStore, *, batch_size: int, drop_last: bool
-    ):
-        self.dataset, self.sampler, self.device_store = dataset, sampler, device_store
-        self.batch_size, self.drop_last = batch_size, drop_last
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def batch_keys(self) -> Iterator[list[tuple[int, float]]]:
-        """The sampler's ``(item, crop position)`` draws, in batches.
-
-        Each pass first takes one draw from torch's global generator, as a DataLoader's iterator does
-        (its base seed): the model's own draws (dropout) then see the host loader's global stream."""
-        torch.empty((), dtype=torch.int64).random_()
-        batch: list[tuple[int, float]] = []
-        for key in self.sampler:
-            batch.append(key)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-        if batch and not self.drop_last:
-            yield batch
-
-    def gather(self, keys: list[tuple[int, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 squares and labels of one batch of draws, on the device."""
-        items = self.dataset.positions[np.fromiter((i for i, _ in keys), dtype=np.int64, count=len(keys))]
-        positions = np.fromiter((p for _, p in keys), dtype=np.float64, count=len(keys))
-        return self.device_store.gather(items, positions)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The untransformed batches (what the host DataLoader yields, already on the device)."""
-        return (self.gather(keys) for keys in self.batch_keys())

@@ -1,4 +1,4 @@
-"""Decode every labelled image exactly once into a store that an epoch reads without decoding.
+"""Decode every labelled image exactly once into a store of presized JPEGs that an epoch reads cheaply.
 
 fastai's item transform ``Resize(460)`` cuts, every epoch, a square of side min(w, h) at a random
 position along the long side (train) or at the centre (valid) and resizes it to 460. Resizing the
@@ -7,8 +7,17 @@ square is the same as resizing the whole image so that its shorter side is 460 a
 kept, and the loader cuts the square per item as a cheap slice (``PresizedStore.square``). No
 crop position is frozen into the store.
 
-Before anything is decoded or written, the store's size is known from the image headers (the sum
-of the presized shapes), and a store that does not fit on its disk stops presize in one line.
+Each presized image is stored re-encoded as a JPEG (quality ``JPEG_QUALITY``): ~65 KB for a 460 px
+Pets image against 635-830 KB of raw pixels, so the store, DVC's hash of it and its cache copy cost
+a tenth of the raw bytes (benchmarks/RESULTS.md, "The presized store"). Decoding a stored image
+(libjpeg-turbo, ~1 ms for 460 px on one core) replaces the original's decode plus resize (~4 ms):
+the host loader decodes per item; the device store decodes the whole store once per stage, with
+nvjpeg on a GPU. Serving applies the same round trip (``presized_pixels``), so a served image is
+exactly what training saw.
+
+Before anything is decoded or written, a bound on the store's size is known from the image headers
+(the sum of the presized shapes' raw pixels; a quality-90 4:2:0 JPEG codes 1.5 samples a pixel
+in far fewer bits), and a store that does not fit on its disk stops presize in one line.
 
 The decode is also the image verification: a file that does not fully decode (truncated, corrupt,
 not an image, too large for Pillow's decompression-bomb guard) is left out and listed in
@@ -16,9 +25,10 @@ not an image, too large for Pillow's decompression-bomb guard) is left out and l
 
 Store layout (a folder; every file byte-reproducible, so DVC sees identical hashes on a re-run):
 
-- ``pixels.u8``   all images back to back, each HxWx3 uint8 (RGB, row-major)
-- ``index.npy``   one record per stored image: offset (int64, bytes into pixels.u8), height and
-                  width (int32), label (int64 class index), split (uint8: 0 train, 1 valid)
+- ``images.jpg``  all presized images back to back, each one baseline JPEG (RGB, 4:2:0)
+- ``index.npy``   one record per stored image: offset and length (int64, bytes into images.jpg),
+                  height and width (int32, of the presized image), label (int64 class index),
+                  split (uint8: 0 train, 1 valid)
 - ``paths.json``  image paths relative to the dataset root, in store order (= input order)
 - ``skipped.csv`` path,reason of every image that was not stored
 - ``store.json``  format, size and counts
@@ -27,6 +37,7 @@ Store layout (a folder; every file byte-reproducible, so DVC sees identical hash
 from __future__ import annotations
 
 import functools
+import io
 import json
 import multiprocessing
 import os
@@ -36,6 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,10 +57,16 @@ from petpipe.errors import PetpipeError, check_room
 from petpipe.files import free_bytes, naming_full_disk, staged_dir, write_json, write_rows
 from petpipe.signals import raise_if_stopped
 
-FORMAT = "petpipe-presized-v1"
+FORMAT = "petpipe-presized-v2"
 SPLITS = ("train", "valid")  # split code = position in this tuple
-INDEX_DTYPE = np.dtype([("offset", "<i8"), ("height", "<i4"), ("width", "<i4"), ("label", "<i8"), ("split", "u1")])
-PIXELS_FILE = "pixels.u8"
+INDEX_DTYPE = np.dtype(
+    [("offset", "<i8"), ("length", "<i8"), ("height", "<i4"), ("width", "<i4"), ("label", "<i8"), ("split", "u1")]
+)
+IMAGES_FILE = "images.jpg"
+# Chosen by measurement (RESULTS.md): at 90, a 460 px image is ~8-12x smaller than raw and decodes in ~1 ms; the
+# error it adds (mean |diff| ~1-3 levels of 255) is below what the augmentation's resampling changes.
+JPEG_QUALITY = 90
+JPEG_SUBSAMPLING = "4:2:0"  # the photos' own: what nvjpeg and libjpeg-turbo decode fastest
 INDEX_FILE = "index.npy"
 PATHS_FILE = "paths.json"
 SKIPPED_FILE = "skipped.csv"
@@ -71,7 +89,8 @@ class PresizeResult:
     n_images: int  # stored
     n_skipped: int
     skipped: list[tuple[str, str]]  # (path, reason)
-    bytes: int  # size of pixels.u8
+    bytes: int  # size of images.jpg
+    decoded_bytes: int  # the presized images' raw pixels: what the device store holds
     seconds: float
 
 
@@ -100,7 +119,7 @@ def square_of(image: np.ndarray, size: int, position: float) -> np.ndarray:
     return image[start : start + size] if height > width else image[:, start : start + size]
 
 
-def decode_presized(path: Path, size: int) -> np.ndarray:
+def decode_presized(path: Path | BinaryIO, size: int) -> np.ndarray:
     """Fully decode ``path``, apply its EXIF orientation, convert to RGB, shorter side to ``size``.
 
     Returns an HxWx3 uint8 C-contiguous array. Raises whatever Pillow raises for a file that does
@@ -111,6 +130,47 @@ def decode_presized(path: Path, size: int) -> np.ndarray:
         img = ImageOps.exif_transpose(img).convert("RGB")
     img = img.resize(presized_shape(img.width, img.height, size), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def encode_jpeg(pixels: np.ndarray) -> bytes:
+    """An HxWx3 uint8 image as the store's JPEG (byte-reproducible for the same libjpeg)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
+    return buffer.getvalue()
+
+
+def decode_jpeg(data: bytes | memoryview | np.ndarray) -> np.ndarray:
+    """A stored JPEG -> HxWx3 uint8: torchvision's libjpeg-turbo (the same pixels as Pillow's, twice as fast),
+    or Pillow's where a torchvision no longer decodes (it deprecated its decoders in 0.29)."""
+    decode = torchvision_decoder()
+    if decode is None:
+        with Image.open(io.BytesIO(np.asarray(data).tobytes())) as img:
+            return np.asarray(img.convert("RGB"))
+    return decode(np.frombuffer(data, dtype=np.uint8))
+
+
+@functools.cache
+def torchvision_decoder() -> Callable[[np.ndarray], np.ndarray] | None:
+    """torchvision's JPEG decoder as bytes -> HxWx3 uint8, or None without one (imported on first use: presize
+    itself never decodes a stored image, and stays free of torch)."""
+    try:
+        import torch
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as decode
+    except ImportError:
+        return None
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+
+    def decoder(encoded: np.ndarray) -> np.ndarray:
+        return decode(torch.from_numpy(encoded.copy()), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+
+    return decoder
+
+
+def presized_pixels(path: Path | BinaryIO, size: int) -> np.ndarray:
+    """What the store holds for the image at ``path`` (a file or its bytes), decoded: presized, then the JPEG round
+    trip (serving uses this, so that a served image is exactly what training saw)."""
+    return decode_jpeg(encode_jpeg(decode_presized(path, size)))
 
 
 def skip_reason(err: Exception) -> str:
@@ -127,17 +187,19 @@ def skip_reason(err: Exception) -> str:
     return f"{kind}: {message}"
 
 
-def _decode_item(rel_path: str, *, root: Path, size: int) -> tuple[np.ndarray | None, str]:
-    """One pool task: (pixels, "") or (None, reason). Module level so worker processes can import it."""
+def _decode_item(rel_path: str, *, root: Path, size: int) -> tuple[bytes | None, tuple[int, int], str]:
+    """One pool task: (JPEG, (height, width), "") or (None, (0, 0), reason). Module level so worker processes can
+    import it; the JPEG, not the pixels, travels back (a tenth of the bytes)."""
     full = root / rel_path
     try:
-        return decode_presized(full, size), ""
+        pixels = decode_presized(full, size)
     except Exception as err:  # Pillow raises many types for broken files; each becomes a skip reason
-        return None, skip_reason(err).replace(str(full), rel_path)  # no absolute paths in a compared output
+        return None, (0, 0), skip_reason(err).replace(str(full), rel_path)  # no absolute paths in a compared output
+    return encode_jpeg(pixels), pixels.shape[:2], ""
 
 
 def _stored_bytes(rel_path: str, *, root: Path, size: int) -> int:
-    """One pool task: the bytes image ``rel_path`` will take in pixels.u8, from its header alone (no decode).
+    """One pool task: the raw pixel bytes of image ``rel_path`` presized, from its header alone (no decode).
 
     EXIF orientation swaps width and height, which leaves the presized area the same. A file whose
     header does not read is skipped by the decode: it takes no room.
@@ -154,8 +216,9 @@ def _stored_bytes(rel_path: str, *, root: Path, size: int) -> int:
 
 
 def store_bytes(pixel_bytes: int, paths: Sequence[str], classes: Sequence[str]) -> int:
-    """A bound on the whole store's size: ``pixel_bytes`` plus the index, each path (in paths.json, or in
-    skipped.csv with its reason), and 64 KiB for store.json and the last filesystem block of each file."""
+    """A bound on the whole store's size: ``pixel_bytes`` (the raw pixels: the JPEGs take a fraction of them)
+    plus the index, each path (in paths.json, or in skipped.csv with its reason), and 64 KiB for store.json and
+    the last filesystem block of each file."""
     per_image = INDEX_DTYPE.itemsize + 256  # the path in paths.json, or in skipped.csv with a reason
     names = sum(len(p.encode()) + per_image for p in paths) + sum(len(c.encode()) + 8 for c in classes)
     return pixel_bytes + names + 64 * 1024
@@ -223,7 +286,7 @@ def write_store(
 def _write(
     root: Path,
     items: Sequence[tuple[str, int, str]],
-    decoded: Iterable[tuple[np.ndarray | None, str]],
+    decoded: Iterable[tuple[bytes | None, tuple[int, int], str]],
     out_dir: Path,
     *,
     size: int,
@@ -233,18 +296,19 @@ def _write(
 ) -> PresizeResult:
     """The store's files from the ``decoded`` images (in ``items`` order), written in a staging folder."""
     with staged_dir(out_dir) as staging:
-        records, paths, skipped, offset = [], [], [], 0
+        records, paths, skipped, offset, decoded_bytes = [], [], [], 0, 0
         bar = tqdm(decoded, total=len(items), desc="presize", unit="img", mininterval=1.0, disable=not progress)
-        with naming_full_disk(out_dir / PIXELS_FILE), open(staging / PIXELS_FILE, "wb") as pixels:
-            for (path, label, split), (array, reason) in zip(items, bar):
+        with naming_full_disk(out_dir / IMAGES_FILE), open(staging / IMAGES_FILE, "wb") as images:
+            for (path, label, split), (jpeg, (height, width), reason) in zip(items, bar):
                 raise_if_stopped()
-                if array is None:
+                if jpeg is None:
                     skipped.append((path, reason))
                     continue
-                pixels.write(array.data)
-                records.append((offset, array.shape[0], array.shape[1], label, SPLITS.index(split)))
+                images.write(jpeg)
+                records.append((offset, len(jpeg), height, width, label, SPLITS.index(split)))
                 paths.append(path)
-                offset += array.nbytes
+                offset += len(jpeg)
+                decoded_bytes += height * width * 3
         if not records:
             first = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
             raise PresizeError(
@@ -264,10 +328,12 @@ def _write(
             **counts,
             "n_skipped": len(skipped),
             "bytes": offset,
+            "decoded_bytes": decoded_bytes,
+            "jpeg_quality": JPEG_QUALITY,
             "classes": list(classes),
         }
         write_json(staging / META_FILE, meta)
-    return PresizeResult(len(records), len(skipped), skipped, offset, time.perf_counter() - start)
+    return PresizeResult(len(records), len(skipped), skipped, offset, decoded_bytes, time.perf_counter() - start)
 
 
 def write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
@@ -277,7 +343,7 @@ def write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
 class PresizedStore:
     """Reader of a store written by ``write_store``.
 
-    ``pixels.u8`` is memory-mapped lazily on first access, and the map is dropped when the object is
+    ``images.jpg`` is memory-mapped lazily on first access, and the map is dropped when the object is
     pickled, so it travels cheaply into DataLoader worker processes (each maps the file itself).
     """
 
@@ -287,24 +353,25 @@ class PresizedStore:
         try:
             index = np.load(self.out_dir / INDEX_FILE, allow_pickle=False)
             self.paths: list[str] = json.loads((self.out_dir / PATHS_FILE).read_text())
-            pixel_bytes = (self.out_dir / PIXELS_FILE).stat().st_size
+            encoded_bytes = (self.out_dir / IMAGES_FILE).stat().st_size
         except (OSError, ValueError) as err:
             raise PresizeError(f"{self.out_dir}: incomplete presized image store ({err}); {FIX}") from err
         if (
             index.dtype != INDEX_DTYPE
             or len(index) != len(self.paths)
             or len(index) != meta["n_images"]
-            or pixel_bytes != meta["bytes"]
+            or encoded_bytes != meta["bytes"]
         ):
             raise PresizeError(f"{self.out_dir}: presized image store files do not match each other; {FIX}")
         self.size: int = meta["size"]
         self.classes: list[str] = meta.get("classes", [])  # class names, indexed by ``labels``
         self.offsets: np.ndarray = index["offset"]
+        self.lengths: np.ndarray = index["length"]
         self.heights: np.ndarray = index["height"]
         self.widths: np.ndarray = index["width"]
         self.labels: np.ndarray = index["label"]
         self.splits: np.ndarray = index["split"]  # codes: SPLITS[code] is the split's name
-        self._pixels: np.ndarray | None = None
+        self._encoded: np.ndarray | None = None
 
     def _read_meta(self) -> dict:
         meta_file = self.out_dir / META_FILE
@@ -326,16 +393,26 @@ class PresizedStore:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_pixels"] = None  # each process maps the file itself
+        state["_encoded"] = None  # each process maps the file itself
         return state
 
     @property
-    def pixels(self) -> np.ndarray:
-        """All pixels as one flat read-only uint8 array backed by the memory map."""
-        if self._pixels is None:
+    def encoded(self) -> np.ndarray:
+        """All stored JPEGs as one flat read-only uint8 array backed by the memory map."""
+        if self._encoded is None:
             # A plain ndarray view of the map: slicing it skips np.memmap's per-slice bookkeeping.
-            self._pixels = np.memmap(self.out_dir / PIXELS_FILE, dtype=np.uint8, mode="r").view(np.ndarray)
-        return self._pixels
+            self._encoded = np.memmap(self.out_dir / IMAGES_FILE, dtype=np.uint8, mode="r").view(np.ndarray)
+        return self._encoded
+
+    @property
+    def decoded_bytes(self) -> int:
+        """The raw pixels of every stored image (HxWx3 each): what a decoded copy of the store holds."""
+        return int((self.heights.astype(np.int64) * self.widths * 3).sum())
+
+    def jpeg(self, i: int) -> np.ndarray:
+        """Image ``i``'s JPEG, a read-only view into the memory map."""
+        start = int(self.offsets[i])
+        return self.encoded[start : start + int(self.lengths[i])]
 
     def indices(self, split: str) -> np.ndarray:
         """Store positions of the images of ``split``, in store order."""
@@ -344,9 +421,8 @@ class PresizedStore:
         return np.flatnonzero(self.splits == SPLITS.index(split))
 
     def image(self, i: int) -> np.ndarray:
-        """Image ``i`` as a read-only HxWx3 uint8 view into the memory map."""
-        start, height, width = int(self.offsets[i]), int(self.heights[i]), int(self.widths[i])
-        return self.pixels[start : start + height * width * 3].reshape(height, width, 3)
+        """Image ``i`` decoded: HxWx3 uint8."""
+        return decode_jpeg(self.jpeg(i))
 
     def square(self, i: int, position: float) -> np.ndarray:
         """The ``size`` x ``size`` square of image ``i`` at ``position`` along its long side.

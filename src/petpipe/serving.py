@@ -25,7 +25,7 @@ from petpipe.engine import restore
 from petpipe.errors import PetpipeError
 from petpipe.model import TIMM_PREFIX
 from petpipe.normalization import from_meta
-from petpipe.presize import PresizedStore, decode_presized, square_of
+from petpipe.presize import PresizedStore, presized_pixels, square_of
 
 IMAGE_COLUMN = "image"
 BATCH = 64
@@ -46,7 +46,7 @@ class ImageClassifier:
     def pixels(self, image: Any) -> np.ndarray:
         source = io.BytesIO(as_bytes(image)) if not is_path(image) else Path(str(image))
         try:
-            return square_of(decode_presized(source, self.presize_size), self.presize_size, CENTRE)
+            return square_of(presized_pixels(source, self.presize_size), self.presize_size, CENTRE)
         except Exception as err:
             raise PetpipeError(
                 f"image {str(image)[:80]!r} cannot be decoded ({type(err).__name__}: {err}); give a file path or the "
