@@ -51,8 +51,10 @@ def checkout(rev: str, dest: Path) -> Path:
     if rev == "WORKTREE":
         dest.mkdir(parents=True)
         return copy_checkout(dest)
+    # Resolved here: a clone of a git worktree has the main checkout's HEAD, not this one's.
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", rev], capture_output=True, text=True, check=True)
     subprocess.run(["git", "clone", "-q", "--no-checkout", str(ROOT), str(dest)], check=True)
-    subprocess.run(["git", "-C", str(dest), "checkout", "-q", rev], check=True)
+    subprocess.run(["git", "-C", str(dest), "checkout", "-q", commit.stdout.strip()], check=True)
     return dest
 
 
