@@ -517,10 +517,18 @@ def accept(listener: socket.socket, servers: list[socket.socket | int]) -> Any:
         close_all(fds)
         connection.close()
         return None
-    caller_fd = os.pidfd_open(caller)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
+    caller_fd = -1
+    try:
+        caller_fd = os.pidfd_open(caller)  # the forked process dies with the caller: it watches this
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+    except OSError as err:  # the caller is gone already, or no memory for a fork: it runs cold, if anything
+        with contextlib.suppress(OSError):
+            send_message(connection, {"cold": f"the server could not fork ({err})"})
+        close_all([*fds, caller_fd] if caller_fd >= 0 else fds)
+        connection.close()
+        return None
     if pid == 0:
         for owned in servers:  # the listener, the lock, the other stages' pidfds and callers are the server's
             owned.close() if isinstance(owned, socket.socket) else os.close(owned)
