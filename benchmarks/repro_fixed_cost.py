@@ -18,6 +18,7 @@ the lock file, the cache) and the final accuracy (the same for both when the cha
 
     .venv/bin/python benchmarks/repro_fixed_cost.py                         # cdffc74 against this checkout
     .venv/bin/python benchmarks/repro_fixed_cost.py --a HEAD~3 --b HEAD --rounds 5
+    .venv/bin/python benchmarks/repro_fixed_cost.py --a HEAD --b HEAD --env-b PETPIPE_WARM=1   # cold against warm
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def checkout(rev: str, dest: Path) -> Path:
     if rev == "WORKTREE":
         dest.mkdir(parents=True)
         return copy_checkout(dest)
+    # Resolved here: a clone of a git worktree has the main checkout's HEAD, not this one's.
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", rev], capture_output=True, text=True, check=True)
     subprocess.run(["git", "clone", "-q", "--no-checkout", str(ROOT), str(dest)], check=True)
-    subprocess.run(["git", "-C", str(dest), "checkout", "-q", rev], check=True)
+    subprocess.run(["git", "-C", str(dest), "checkout", "-q", commit.stdout.strip()], check=True)
     return dest
 
 
@@ -69,12 +72,14 @@ def accuracy(repo: Path) -> float | None:
     return json.loads(path.read_text()).get("accuracy") if path.exists() else None
 
 
-def repro(repo: Path, shims: Path, log: Path, params: Path | None) -> dict:
-    """One `dvc repro -f` in ``repo``: its wall time and, per stage, wall, tracked and fixed seconds."""
+def repro(repo: Path, shims: Path, log: Path, params: Path | None, extra_env: dict[str, str]) -> dict:
+    """One `dvc repro -f` in ``repo`` (``extra_env`` added): its wall time and, per stage, wall, tracked and fixed
+    seconds."""
     if params is not None:
         (repo / "params.yaml").write_text(params.read_text())
     log.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(extra_env)
     env["PATH"] = f"{shims}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     started = time.perf_counter()
     done = subprocess.run(["dvc", "repro", "-f"], cwd=repo, env=env, capture_output=True, text=True)
@@ -136,15 +141,28 @@ def report(revs: dict[str, str], runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def variables(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``KEY=VALUE`` arguments as a dict; a pair without ``=`` is a usage error naming it."""
+    for pair in pairs:
+        if "=" not in pair:
+            parser.error(f"--env-a/--env-b take KEY=VALUE, got {pair!r}")
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--a", default="cdffc74", help="the baseline revision (default cdffc74)")
     parser.add_argument("--b", default="WORKTREE", help="the candidate: a revision, or WORKTREE (default)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each, alternating (default 3)")
     parser.add_argument("--params", type=Path, help="params file for both (default: each revision's params.yaml)")
+    parser.add_argument(
+        "--env-a", action="append", default=[], metavar="KEY=VALUE", help="a variable for a's runs only (repeatable)"
+    )
+    parser.add_argument("--env-b", action="append", default=[], metavar="KEY=VALUE", help="the same for b's runs")
     parser.add_argument("--json", type=Path, help="also write every run's numbers to this JSON file")
     args = parser.parse_args(argv)
     revs = {"a": args.a, "b": args.b}
+    envs = {"a": variables(args.env_a, parser), "b": variables(args.env_b, parser)}
     runs: dict[str, list[dict]] = {name: [] for name in revs}
     with tempfile.TemporaryDirectory(prefix="petpipe-fixed-cost-") as tmp:
         scratch = Path(tmp)
@@ -153,11 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         shims = shim_dir(scratch / "shim", log)
         for round_ in range(args.rounds):
             for name in revs:
-                result = repro(repos[name], shims, log, args.params)
+                result = repro(repos[name], shims, log, args.params, envs[name])
                 runs[name].append(result)
                 print(f"round {round_ + 1}, {name} ({revs[name]}): {result['wall']:.1f} s", flush=True)
     machine = f"{os.cpu_count()} cores, python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}"
-    print(f"\n`dvc repro -f`, {args.rounds} alternating runs each ({machine})\n")
+    print(f"\n`dvc repro -f`, {args.rounds} alternating runs each ({machine})")
+    for name in revs:
+        print(f"{name}: {revs[name]} {' '.join(f'{k}={v}' for k, v in envs[name].items()) or '(environment as is)'}")
+    print()
     print(report(revs, runs))
     if args.json:
         args.json.write_text(json.dumps({"revs": revs, "runs": runs}, indent=1) + "\n")

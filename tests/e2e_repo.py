@@ -21,6 +21,8 @@ import pytest
 import yaml
 from conftest import ROOT, copy_project, copy_store, make_tarball, stage_env, write_folder_dataset
 
+from petpipe.warm import THREAD_FREE_ENV
+
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 UNTRACKED = {"choose_lr"}  # bookkeeping stages without an MLflow run
 TRACKED = [s for s in STAGES if s not in UNTRACKED]
@@ -47,13 +49,18 @@ def tiny_params(repo: Path, archive: Path) -> dict:
     return params
 
 
-def pipeline_env() -> dict[str, str]:
-    """As a user runs the pipeline: with warm stage processes (the suite turns them off for single stages)."""
-    return stage_env(PETPIPE_WARM="1")
+WARM_ENV = {"PETPIPE_WARM": "1", **THREAD_FREE_ENV}  # what a user sets to run the stages warm (README)
+BUILD_LOG = "build.log"  # the build's `make repro` output, beside the repository
 
 
-def run(cmd: list[str], repo: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=repo, env=pipeline_env(), capture_output=True, text=True, timeout=timeout)
+def pipeline_env(**extra: str) -> dict[str, str]:
+    """The pipeline's environment: with warm stage processes (``PETPIPE_WARM=0`` in ``extra``: cold, nothing else
+    changed, so that the outputs of both can be compared)."""
+    return stage_env(**{**WARM_ENV, **extra})
+
+
+def run(cmd: list[str], repo: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=repo, env=pipeline_env(**env), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -97,6 +104,7 @@ def build(tmp: Path, mlflow_template: Path) -> Path:
         ["make", "-o", f"{Path(sys.prefix)}/bin/.installed", "repro", "PROFILE=tiny", f"VENV={Path(sys.prefix)}"], repo
     )
     assert ran_stages(result) == STAGES
+    (tmp / BUILD_LOG).write_text(result.stdout)
     assert (repo / "params.yaml").read_text() == (repo / "profiles/tiny.yaml").read_text()
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "pipeline results"], repo)  # experiments start from a committed dvc.lock

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 from e2e_repo import (
+    BUILD_LOG,
     CONSUMER,
+    STAGES,
     TRACKED,
     build,
     new_runs,
@@ -245,3 +247,31 @@ def test_unknown_profile_is_a_clear_make_error(repo):
     assert (
         result.returncode != 0 and "no profile profiles/nope.yaml; have: digits.yaml" in result.stdout + result.stderr
     )
+
+
+# Outputs that hold measured seconds or images/s (never reproducible, warm or cold): the others must be identical.
+TIMED = {
+    "plots/train_frozen.csv",
+    "plots/finetune.csv",
+    "metrics/train_frozen.json",
+    "metrics/finetune.json",
+    "reports/report.html",
+}
+
+
+def test_warm_and_cold_runs_give_the_same_outputs(repo):
+    """The build ran the stages in warm processes (all but those that arrive before the server has imported: the
+    first, maybe the second); a forced cold `dvc repro -f` gives the same digest for every output but the timed."""
+
+    def outs(lock_text: str) -> dict[str, str]:
+        stages = yaml.safe_load(lock_text)["stages"].values()
+        return {o["path"]: o["md5"] for s in stages for o in s["outs"] if not o["path"].startswith("metrics/timing/")}
+
+    built = (repo.parent / BUILD_LOG).read_text()
+    assert built.count("timing (warm stage process):") >= len(STAGES) - 3, built[-3000:]
+    warm = outs(run(["git", "show", "HEAD:dvc.lock"], repo).stdout)
+    result = run(["dvc", "repro", "-f"], repo, PETPIPE_WARM="0")
+    assert ran_stages(result) == STAGES and "petpipe.warm" not in result.stderr and "(warm" not in result.stdout
+    cold = outs((repo / "dvc.lock").read_text())
+    assert set(cold) == set(warm) and TIMED <= set(cold)
+    assert {path: cold[path] for path in cold if path not in TIMED} == {p: warm[p] for p in warm if p not in TIMED}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -94,8 +95,9 @@ def record_timing(clock: stage_clock.StageClock, path: Path | None) -> None:
     if path is not None:
         write_json(path, seconds)
     phases = ", ".join(f"{name} {value:.2f}" for name, value in seconds["phases"].items())
+    where = " (warm stage process)" if warm.CHILD_ENV in os.environ else ""
     print(
-        f"timing: start-up {seconds['startup_seconds']:.2f} s, work {seconds['work_seconds']:.2f} s, "
+        f"timing{where}: start-up {seconds['startup_seconds']:.2f} s, work {seconds['work_seconds']:.2f} s, "
         f"teardown {seconds['teardown_seconds']:.2f} s" + (f" (work: {phases})" if phases else "")
     )
 
