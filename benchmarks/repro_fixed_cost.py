@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesson_pipeline import copy_checkout, fixed_cost, stage_seconds  # noqa: E402
+from lesson_pipeline import checkout, fixed_cost, stage_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = """#!/usr/bin/env bash
@@ -43,16 +43,6 @@ code=$?
 echo "$1 $started $(date +%s.%N)" >> "{log}"
 exit $code
 """
-
-
-def checkout(rev: str, dest: Path) -> Path:
-    """``rev`` of this repository at ``dest``; ``WORKTREE``: this checkout as it is on disk."""
-    if rev == "WORKTREE":
-        dest.mkdir(parents=True)
-        return copy_checkout(dest)
-    subprocess.run(["git", "clone", "-q", "--no-checkout", str(ROOT), str(dest)], check=True)
-    subprocess.run(["git", "-C", str(dest), "checkout", "-q", rev], check=True)
-    return dest
 
 
 def shim_dir(folder: Path, log: Path) -> Path:
