@@ -14,9 +14,12 @@ the device reports, so the resolver keeps them), pinned to the versions this che
 the versions the tests ran), then downloads the missing ones with ``pip download --no-deps`` for cp312 manylinux
 x86_64 into ``DEST`` (default ``.whl`` in the repository root; ``/.whl/`` belongs in ``.git/info/exclude``).
 
-Why ``mlflow-skinny``: the full ``mlflow`` wheel is the same Python package plus the UI's JavaScript (12.6 MB) and
-the server's dependencies (Flask, gunicorn, graphene, docker, scikit-learn, skops, cryptography...), none of which a
-stage imports. The skinny wheel holds the sqlalchemy tracking store and the pyfunc/pytorch model flavours.
+Why ``mlflow-skinny``: the full ``mlflow`` wheel is the same Python package plus the UI's JavaScript and the
+server's dependencies (Flask, gunicorn, graphene, docker, scikit-learn, skops...), none of which a stage imports.
+The skinny wheel holds the sqlalchemy tracking store and the pyfunc/pytorch model flavours. The full wheel is still
+carried (12 MB), without its dependencies (``WITHOUT_DEPS``): petpipe reads ``importlib.metadata.version("mlflow")``
+for the logged models' requirements, and only the ``mlflow`` distribution answers that. Were that read to fall back
+to ``mlflow-skinny``, the wheel could go.
 
 Then it checks what it can without the device: every wheel is ``py3-none-any``, ``cp312`` or ``abi3`` and
 ``manylinux`` x86_64 or pure; one version per project; every non-extra ``Requires-Dist`` (markers evaluated for
@@ -75,6 +78,11 @@ DEVICE_VERSIONS = {"torch": "2.11.0", "torchvision": "0.26.0", "numpy": "2.5.2",
 LEFT_OUT = {"spacy": "3.8.7"}  # fastai: only fastai.text imports spacy; fastai.vision.all does not
 # fastprogress 1.0.3: from 1.1 it imports fasthtml (a web framework: starlette, uvicorn[standard], httpx2...) at import
 # time; fastai 2.8 asks only for fastprogress>=0.2.4 and uses progress_bar and master_bar, which 1.0.3 has.
+# The full mlflow wheel, installed without its server's requirements (Flask, gunicorn, graphene, docker, scikit-learn,
+# skops...): petpipe pins the logged models' mlflow==importlib.metadata.version("mlflow") (tracking/models.py), which
+# mlflow-skinny alone does not answer. Its Python code is mlflow-skinny's (same version) plus the UI; of its own
+# requirements a stage imports only these.
+WITHOUT_DEPS = {"mlflow": {"mlflow-skinny", "mlflow-tracing"}}
 ROOTS = ["mlflow-skinny", "mlflow-tracing", "sqlalchemy", "alembic", "fastai>=2.8,<2.9", "fastprogress==1.0.3"]
 
 
@@ -124,7 +132,8 @@ def resolve(python312: str, scratch: Path) -> dict[str, tuple[str, bool]]:
         canonicalize_name(i["metadata"]["name"]): (i["metadata"]["version"], i["download_info"]["url"].endswith(".whl"))
         for i in installs
     }
-    return {name: picked[name] for name in sorted(picked) if name not in device}
+    wanted = {name: picked[name] for name in sorted(picked) if name not in device}
+    return wanted | {"mlflow": wanted["mlflow-skinny"]}
 
 
 def download(wanted: dict[str, tuple[str, bool]], dest: Path) -> None:
@@ -172,6 +181,7 @@ def check(dest: Path) -> list[str]:
     device = {canonicalize_name(n) for n in DEVICE}
     env = device_environment()
     for wheel in wheels:
+        wheel_name = parse_wheel_filename(wheel.name)[0]
         with zipfile.ZipFile(wheel) as zf:
             meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
             requires = Parser().parsestr(zf.read(meta).decode()).get_all("Requires-Dist") or []
@@ -181,7 +191,7 @@ def check(dest: Path) -> list[str]:
                 continue  # an extra, or another platform's
             name = canonicalize_name(req.name)
             version = have.get(name) or DEVICE_VERSIONS.get(name)
-            if name in LEFT_OUT:
+            if name in LEFT_OUT or (wheel_name in WITHOUT_DEPS and name not in WITHOUT_DEPS[wheel_name]):
                 continue
             if name not in have and name not in device:
                 problems.append(f"{wheel.name} needs {req}: neither a wheel nor on the device")

@@ -56,6 +56,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -383,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="append the markdown tables to this file")
     parser.add_argument("--json", type=Path, help="write every run's rows to this JSON file")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` still removes the scratch repositories
     revisions = [args.checkout] if args.checkout else args.revisions
     if len(revisions) > 2:
         parser.error(f"--revisions takes one or two revisions, got {len(revisions)}")
