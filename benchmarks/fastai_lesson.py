@@ -80,18 +80,21 @@ def run_lesson(images: Path, r: dict, *, precision: str, num_workers: int | None
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     class EpochClock(fv.Callback):
-        """Seconds of each epoch's training and validation pass (our curves' ``epoch_seconds``)."""
+        """Seconds of each epoch's training and validation pass (our curves' ``epoch_seconds``), while ``on``: the
+        fit_one_cycle epochs, not lr_find's (the pipeline's lr_find writes no curves either)."""
 
         order = 0
 
         def __init__(self) -> None:
             self.epochs: list[float] = []
+            self.on = False
 
         def before_epoch(self) -> None:
             self.started = time.perf_counter()
 
         def after_epoch(self) -> None:
-            self.epochs.append(time.perf_counter() - self.started)
+            if self.on:
+                self.epochs.append(time.perf_counter() - self.started)
 
     fv.set_seed(r["seed"], reproducible=False)
     with phases("data loaders"):
@@ -110,20 +113,25 @@ def run_lesson(images: Path, r: dict, *, precision: str, num_workers: int | None
         elif precision == "fp16":
             learn = learn.to_fp16()
     clock = learn.epoch_clock
-    with phases(f"frozen: fit_one_cycle({r['frozen_epochs']})"):
-        learn.fit_one_cycle(r["frozen_epochs"], r["frozen_lr"])
-    with phases("save stage-1"):
-        learn.save("stage-1")
-    with phases(f"lr_find ({r['lr_find_iterations']} iterations)"):
-        learn.unfreeze()
-        suggested = learn.lr_find(num_it=r["lr_find_iterations"], show_plot=False)
-    lo, hi = r["finetune_lr"]
-    with phases(f"unfrozen: fit_one_cycle({r['finetune_epochs']}, slice({lo:g}, {hi:g}))"):
-        learn.fit_one_cycle(r["finetune_epochs"], lr_max=slice(lo, hi))
-    with phases("interpretation"):
-        interp = fv.ClassificationInterpretation.from_learner(learn)
-        interp.top_losses(r["top_losses"])
-        confused = interp.most_confused(min_val=r["most_confused_min"])
+    with learn.no_bar():  # fastai's epoch table stays; its progress bars would fill the results' tail
+        clock.on = True
+        with phases(f"frozen: fit_one_cycle({r['frozen_epochs']})"):
+            learn.fit_one_cycle(r["frozen_epochs"], r["frozen_lr"])
+        clock.on = False
+        with phases("save stage-1"):
+            learn.save("stage-1")
+        with phases(f"lr_find ({r['lr_find_iterations']} iterations)"):
+            learn.unfreeze()
+            suggested = learn.lr_find(num_it=r["lr_find_iterations"], show_plot=False)
+        lo, hi = r["finetune_lr"]
+        clock.on = True
+        with phases(f"unfrozen: fit_one_cycle({r['finetune_epochs']}, slice({lo:g}, {hi:g}))"):
+            learn.fit_one_cycle(r["finetune_epochs"], lr_max=slice(lo, hi))
+        clock.on = False
+        with phases("interpretation"):
+            interp = fv.ClassificationInterpretation.from_learner(learn)
+            interp.top_losses(r["top_losses"])
+            confused = interp.most_confused(min_val=r["most_confused_min"])
     error_rate = float(learn.recorder.values[-1][-1])
     return {
         "device": device, "epochs_s": sum(clock.epochs), "epoch_seconds": clock.epochs, "accuracy": 1 - error_rate,
