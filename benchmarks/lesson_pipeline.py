@@ -152,16 +152,39 @@ def extract_images(archive: Path, dest: Path) -> Path:
     return dest / "pets" / "images"
 
 
+GIT = shutil.which("git")
+# Never part of a checkout's copy where git cannot list it (the GPU machine's copy of the working tree has no .git):
+# the environment, carried wheels, caches and DVC's outputs of an earlier run.
+NOT_COPIED = {".git", ".venv", ".whl", ".gl", "__pycache__", ".pytest_cache", ".ruff_cache", "mlflow.db", "mlruns",
+              "mlartifacts"}  # fmt: skip
+NOT_COPIED_PATHS = {".dvc/cache", ".dvc/tmp", "data", "models", "weights"}
+
+
+def checkout_files() -> list[str]:
+    """This checkout's tracked and untracked (not ignored) files: git's list, else a walk that skips ``NOT_COPIED``."""
+    if GIT is not None:
+        listed = subprocess.run([GIT, "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True)  # fmt: skip
+        if listed.returncode == 0:
+            return [rel for rel in listed.stdout.decode().split("\0") if rel and (ROOT / rel).is_file()]
+    files = []
+    for folder, dirs, names in os.walk(ROOT):
+        rel = Path(folder).relative_to(ROOT)
+        dirs[:] = [d for d in dirs if d not in NOT_COPIED and (rel / d).as_posix() not in NOT_COPIED_PATHS]
+        files += [(rel / name).as_posix() for name in names if name not in NOT_COPIED]
+    return files
+
+
 def copy_checkout(dest: Path) -> Path:
-    """This checkout's tracked and untracked (not ignored) files, in a new git repository at ``dest``."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")  # fmt: skip
-    for rel in filter(None, listed):
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "lesson pipeline"]):
-        subprocess.run(command, cwd=dest, check=True, capture_output=True)
+    """This checkout's files in a new git repository at ``dest``; without git, a DVC repository without SCM."""
+    for rel in checkout_files():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    if GIT is None:  # DVC runs without git (core.no_scm); petpipe's git tags stay empty
+        (dest / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")
+        return dest
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "lesson pipeline"]):
+        subprocess.run([GIT, *command], cwd=dest, check=True, capture_output=True)
     return dest
 
 
@@ -352,8 +375,8 @@ def comparison(revs: dict[str, str], runs: dict[str, list[list[dict]]]) -> str:
 
 
 def lesson_run(pristine: Path, archive: Path, run_dir: Path, variant: Variant, **overrides: str | None) -> list[dict]:
-    """A fresh clone of ``pristine`` at ``run_dir`` (deleted afterwards: a full run leaves gigabytes), the lesson."""
-    subprocess.run(["git", "clone", "-q", str(pristine), str(run_dir)], check=True)
+    """A fresh copy of ``pristine`` at ``run_dir`` (deleted afterwards: a full run leaves gigabytes), the lesson."""
+    shutil.copytree(pristine, run_dir, symlinks=True)
     try:
         try:
             os.link(archive, run_dir / ARCHIVE_NAME)
