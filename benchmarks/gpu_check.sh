@@ -104,7 +104,7 @@ PATH="$(cd "$(dirname "$(command -v "$PY")")" && pwd):$PATH"  # `python` in the 
 {
   echo "## gpu_check $( (( DRY )) && echo '--dry-run ')$(date -u +%Y-%m-%d)"
   echo
-  "$PY" -c 'import sys, torch; d = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {d}, {__import__("os").cpu_count()} cores")'
+  "$PY" -c 'import os, sys, torch; d = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {d}, {os.cpu_count()} cores")'
   echo
 } >> "$OUT"
 
