@@ -153,11 +153,11 @@ def extract_images(archive: Path, dest: Path) -> Path:
 
 
 GIT = shutil.which("git")
-# Never part of a checkout's copy where git cannot list it (the GPU machine's copy of the working tree has no .git):
-# the environment, carried wheels, caches and DVC's outputs of an earlier run.
+# Never part of a checkout's copy where git cannot list it (the GPU machine's copy of the working tree has no .git,
+# and none of the ignored outputs): the environment, carried wheels, caches, an earlier run's MLflow store.
 NOT_COPIED = {".git", ".venv", ".whl", ".gl", "__pycache__", ".pytest_cache", ".ruff_cache", "mlflow.db", "mlruns",
               "mlartifacts"}  # fmt: skip
-NOT_COPIED_PATHS = {".dvc/cache", ".dvc/tmp", "data", "models", "weights"}
+NOT_COPIED_PATHS = {".dvc/cache", ".dvc/tmp"}
 
 
 def checkout_files() -> list[str]:
