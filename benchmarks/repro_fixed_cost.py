@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesson_pipeline import copy_checkout, fixed_cost, stage_seconds  # noqa: E402
+from lesson_pipeline import checkout, fixed_cost, stage_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = """#!/usr/bin/env bash
@@ -44,18 +44,6 @@ code=$?
 echo "$1 $started $(date +%s.%N)" >> "{log}"
 exit $code
 """
-
-
-def checkout(rev: str, dest: Path) -> Path:
-    """``rev`` of this repository at ``dest``; ``WORKTREE``: this checkout as it is on disk."""
-    if rev == "WORKTREE":
-        dest.mkdir(parents=True)
-        return copy_checkout(dest)
-    # Resolved here: a clone of a git worktree has the main checkout's HEAD, not this one's.
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", rev], capture_output=True, text=True, check=True)
-    subprocess.run(["git", "clone", "-q", "--no-checkout", str(ROOT), str(dest)], check=True)
-    subprocess.run(["git", "-C", str(dest), "checkout", "-q", commit.stdout.strip()], check=True)
-    return dest
 
 
 def shim_dir(folder: Path, log: Path) -> Path:

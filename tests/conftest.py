@@ -35,6 +35,7 @@ LONGEST_FIRST = (
     "test_e2e.py",  # ~135
     "test_executions.py",  # ~60
     "test_e2e_experiments.py",  # ~85
+    "test_lesson_pipeline.py",  # ~60: benchmarks/lesson_pipeline.py --cpu --dry-run
     "test_resume.py",  # ~50
     "test_executions_outage.py",  # ~25
     "test_engine.py",  # ~20
