@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -322,10 +323,31 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def restore(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Model rebuilt from a petpipe checkpoint (architecture from its metadata, weights from it)."""
+def restore(checkpoint: Path, *, initialise: bool = False) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Model rebuilt from a petpipe checkpoint (architecture from its metadata, weights from it).
+
+    ``initialise``: build it with the architecture's random initialisation first, as training does, so the
+    global random stream advances as it always has (lr_find and finetune keep their dropout draws). Else
+    (prediction: the report, the logged models) it is built without initialising, on the meta device, and takes
+    the checkpoint's tensors: several times faster (benchmarks/RESULTS.md, "Model-stage ceremony").
+    """
     state = load_checkpoint(checkpoint)
     meta = state["meta"]
-    model = build_model(meta["arch"], len(meta["classes"]), weights="none")
-    model.load_state_dict(state["model"])
+    model = None if initialise else _assigned(meta, state["model"])
+    if model is None:
+        model = build_model(meta["arch"], len(meta["classes"]), weights="none")
+        model.load_state_dict(state["model"])
     return model, meta
+
+
+def _assigned(meta: dict[str, Any], weights: dict[str, torch.Tensor]) -> nn.Sequential | None:
+    """The model built on the meta device with ``weights`` assigned; None where an architecture does not allow it
+    (a constructor that reads a tensor's value, a buffer not in the state dict): then build it as usual."""
+    try:
+        with torch.device("meta"):
+            model = build_model(meta["arch"], len(meta["classes"]), weights="none")
+    except Exception:  # NotImplementedError, RuntimeError ...: whatever meta tensors cannot do
+        return None
+    model.load_state_dict(weights, assign=True)  # strict: a checkpoint of another shape fails as before
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return None if any(t.is_meta for t in tensors) else model

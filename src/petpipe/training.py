@@ -67,8 +67,9 @@ def store_metrics(loader: object) -> dict[str, float]:
 
 
 def restore_unfrozen(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
-    """The stage-1 model with every layer trainable, and its checkpoint's metadata (lr_find, finetune)."""
-    model, meta = restore(checkpoint)
+    """The stage-1 model with every layer trainable, and its checkpoint's metadata (lr_find, finetune); built with
+    its random initialisation first, so the stages' random streams (dropout) stay those of earlier runs."""
+    model, meta = restore(checkpoint, initialise=True)
     unfreeze(model)
     return model, meta
 
