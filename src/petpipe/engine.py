@@ -20,9 +20,10 @@ from petpipe.distributed import mean_over_ranks, world_size
 from petpipe.errors import PetpipeError
 from petpipe.files import atomic_open
 from petpipe.model import NORM_TYPES, build_model, layer_groups
-from petpipe.resume import ResumePoint, load_state, rng_states, save_state, set_rng_states
+from petpipe.resume import ResumePoint, StateWriter, load_state, rng_states, set_rng_states
 from petpipe.schedule import OneCycle
 from petpipe.signals import raise_if_stopped
+from petpipe.stage_clock import phase
 
 ADAM_BETAS = (0.9, 0.99)  # fastai's Adam defaults; beta1 is overwritten by the one-cycle momentum
 ADAM_EPS = 1e-5  # fastai's Adam eps
@@ -243,27 +244,39 @@ def fit_one_cycle(
         print(f"compile: {seconds:.1f} s (torch.compile, mode default)", flush=True)
         if on_compiled:
             on_compiled(seconds)
-    for epoch in range(len(history), epochs):
-        started = time.perf_counter()
-        train_loss, images = train_one_epoch(
-            net, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}"
-        )
-        train_seconds = (
-            time.perf_counter() - started
-        )  # train_one_epoch ends by reading the summed loss: the work is done
-        train_loss, images = mean_over_ranks(train_loss, runtime.device), images * world_size()
-        row = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(eval_net, valid_loader, runtime)}
-        # Throughput: the whole epoch (training pass and validation), and training images per second.
-        row |= {"epoch_seconds": time.perf_counter() - started, "train_images_per_s": images / train_seconds}
-        history.append(row)
-        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-        if resume:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-            save_state(
-                resume, {**state, "step_num": schedule.step_num, "history": history, "rng": rng_states(generators)}
+    writer = StateWriter(resume) if resume else None
+    try:
+        for epoch in range(len(history), epochs):
+            started = time.perf_counter()
+            train_loss, images = train_one_epoch(
+                net, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}"
             )
-        if on_epoch_end:
-            on_epoch_end(row)
+            train_seconds = (
+                time.perf_counter() - started
+            )  # train_one_epoch ends by reading the summed loss: the work is done
+            train_loss, images = mean_over_ranks(train_loss, runtime.device), images * world_size()
+            row = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(eval_net, valid_loader, runtime)}
+            # Throughput: the whole epoch (training pass and validation), and training images per second.
+            row |= {"epoch_seconds": time.perf_counter() - started, "train_images_per_s": images / train_seconds}
+            history.append(row)
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            # The state after every epoch but the last (the stage writes its outputs next, then drops the state),
+            # written while the next epoch trains.
+            if writer is not None and epoch + 1 < epochs:
+                with phase("resume_save"):
+                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+                    writer.save(
+                        {**state, "scaler": scaler.state_dict(), "step_num": schedule.step_num, "history": history}
+                        | {"rng": rng_states(generators)}
+                    )
+            if on_epoch_end:
+                on_epoch_end(row)
+        if writer is not None:
+            with phase("resume_save"):
+                writer.wait()
+    finally:
+        if writer is not None:
+            writer.join()  # stopped mid-epoch: the last finished epoch's state is on disk before the stage exits
     return history
 
 
