@@ -61,7 +61,7 @@ def run(
             model, meta = restore_unfrozen(checkpoint)
         with phase("open_store"):
             train_loader, valid_loader = loaders(cfg.train, presized, runtime, generator, from_meta(meta))
-        warm_up_model_logging()  # while training
+        warm_up_model_logging(run)  # while training
         result = fit_and_record(
             run,
             stage="finetune",

@@ -51,13 +51,13 @@ def set_model(model: ImageClassifierModel) -> None:
 _warm_up: threading.Thread | None = None
 
 
-def warm_up_model_logging() -> None:
+def warm_up_model_logging(run: StageRun) -> None:
     """Start, in a background thread, the one-off costs that logging the final model pays at the end of the stage
     otherwise: importing torch.export's compiler stack (torch._dynamo: seconds) and MLflow's map of installed
     packages (read to check the given requirements against this environment: a second). Called before training, so
     that they overlap it; ``log_final_models`` waits for the thread."""
     global _warm_up
-    if _warm_up is None:
+    if _warm_up is None and run.records:  # torchrun processes other than rank 0 log nothing
         _warm_up = threading.Thread(target=_warm, name="petpipe-model-logging-warm-up", daemon=True)
         _warm_up.start()
 
