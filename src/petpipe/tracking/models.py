@@ -52,10 +52,12 @@ _warm_up: threading.Thread | None = None
 
 
 def warm_up_model_logging(run: StageRun) -> None:
-    """Start, in a background thread, the one-off costs that logging the final model pays at the end of the stage
-    otherwise: importing torch.export's compiler stack (torch._dynamo: seconds) and MLflow's map of installed
-    packages (read to check the given requirements against this environment: a second). Called before training, so
-    that they overlap it; ``log_final_models`` waits for the thread."""
+    """Start, in a background thread, the one-off cost that logging the final model pays at the end of the stage
+    otherwise: MLflow's map of every installed package (read to check the given requirements against this
+    environment: about a second, whatever the model) and its PyTorch flavour's import. Called before training, so
+    that it overlaps it; ``log_final_models`` waits for the thread. (torch.export's own imports are left to the
+    export: with ``train.compile`` the training thread imports the same compiler stack, and two threads importing
+    one package tree can meet in a circular import. torchvision has imported torch._dynamo already.)"""
     global _warm_up
     if _warm_up is None and run.records:  # torchrun processes other than rank 0 log nothing
         _warm_up = threading.Thread(target=_warm, name="petpipe-model-logging-warm-up", daemon=True)
@@ -65,7 +67,6 @@ def warm_up_model_logging(run: StageRun) -> None:
 def _warm() -> None:
     with contextlib.suppress(Exception):  # only a head start: whatever fails here is done, or fails, when logging
         import mlflow.pytorch  # noqa: F401
-        import torch._dynamo  # noqa: F401
         from mlflow.utils import requirements_utils
 
         requirements_utils._init_modules_to_packages_map()  # cached by MLflow for the process
