@@ -54,10 +54,10 @@ _warm_up: threading.Thread | None = None
 def warm_up_model_logging(run: StageRun) -> None:
     """Start, in a background thread, the one-off cost that logging the final model pays at the end of the stage
     otherwise: MLflow's map of every installed package (read to check the given requirements against this
-    environment: about a second, whatever the model) and its PyTorch flavour's import. Called before training, so
-    that it overlaps it; ``log_final_models`` waits for the thread. (torch.export's own imports are left to the
-    export: with ``train.compile`` the training thread imports the same compiler stack, and two threads importing
-    one package tree can meet in a circular import. torchvision has imported torch._dynamo already.)"""
+    environment: about a second, whatever the model). Called before training, so that it overlaps it;
+    ``log_final_models`` waits for the thread. It imports nothing (MLflow has loaded the module): two threads
+    importing one package tree can meet in a circular import, so torch.export's imports stay with the export
+    (``train.compile`` imports the same compiler stack in the training thread)."""
     global _warm_up
     if _warm_up is None and run.records:  # torchrun processes other than rank 0 log nothing
         _warm_up = threading.Thread(target=_warm, name="petpipe-model-logging-warm-up", daemon=True)
@@ -66,7 +66,6 @@ def warm_up_model_logging(run: StageRun) -> None:
 
 def _warm() -> None:
     with contextlib.suppress(Exception):  # only a head start: whatever fails here is done, or fails, when logging
-        import mlflow.pytorch  # noqa: F401
         from mlflow.utils import requirements_utils
 
         requirements_utils._init_modules_to_packages_map()  # cached by MLflow for the process
