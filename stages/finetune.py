@@ -39,7 +39,7 @@ def run(
     from petpipe.schedule import discriminative_lrs
     from petpipe.serving import example_input
     from petpipe.stage_clock import phase
-    from petpipe.tracking.models import log_final_models
+    from petpipe.tracking.models import log_final_models, warm_up_model_logging
     from petpipe.tracking.runs import stage_run
     from petpipe.training import fit_and_record, loaders, prepare, restore_unfrozen
 
@@ -61,6 +61,7 @@ def run(
             model, meta = restore_unfrozen(checkpoint)
         with phase("open_store"):
             train_loader, valid_loader = loaders(cfg.train, presized, runtime, generator, from_meta(meta))
+        warm_up_model_logging(run)  # while training
         result = fit_and_record(
             run,
             stage="finetune",
@@ -83,11 +84,10 @@ def run(
         # The execution's headline numbers on its parent run, and the final model, once: the network, and a pyfunc
         # taking raw images (registered as mlflow.register_as when it is set).
         run.log_headline(result)
-        with phase("model_logging"):
+        with phase("log_prepare"):
             store = PresizedStore(presized)
-            log_final_models(
-                run, final, presize_size=store.size, example=example_input(store), register_as=cfg.mlflow.register_as
-            )
+            example = example_input(store)
+        log_final_models(run, final, presize_size=store.size, example=example, register_as=cfg.mlflow.register_as)
     return result
 
 

@@ -17,11 +17,13 @@ from petpipe.engine import (
     load_checkpoint,
     load_optimizer_state,
     make_optimizer,
+    restore,
     save_checkpoint,
 )
 from petpipe.errors import PetpipeError
 from petpipe.model import build_model, freeze_body, layer_groups, unfreeze
 from petpipe.normalization import IMAGENET
+from petpipe.resume import ResumePoint, StateWriter, load_state
 from petpipe.signals import stop_on_signals
 
 
@@ -283,3 +285,40 @@ def test_compile_trains_the_same_model_and_times_the_compile_apart(loaders, requ
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), (key, a, b)
     for key in eager_state:
         torch.testing.assert_close(compiled_state[key], eager_state[key], rtol=1e-3, atol=1e-4)
+
+
+# timm's convnext reads tensor values while it is built: restored the usual way, with the same result.
+@pytest.mark.parametrize("arch", ["resnet18", "timm/convnext_atto"])
+def test_restore_for_prediction_skips_the_initialisation_and_gives_the_same_model(arch, tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "final.pt"
+    save_checkpoint(path, build_model(arch, 3).eval(), meta={"arch": arch, "classes": ["a", "b", "c"], "size": 16})
+    before = torch.get_rng_state()
+    fast, meta = restore(path)
+    if arch == "resnet18":
+        assert torch.equal(torch.get_rng_state(), before)  # built on the meta device: no random init drawn
+    initialised, _ = restore(path, initialise=True)
+    assert not torch.equal(torch.get_rng_state(), before)  # lr_find and finetune: the stream advances as it always did
+    assert meta["classes"] == ["a", "b", "c"] and type(fast) is type(initialised)
+    assert not any(t.is_meta for t in [*fast.parameters(), *fast.buffers()])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fast.eval()(x), initialised.eval()(x))
+    assert [p.requires_grad for p in fast.parameters()] == [p.requires_grad for p in initialised.parameters()]
+
+
+def test_the_resume_writer_saves_a_snapshot_in_the_background_and_hands_errors_back(tmp_path):
+    point = ResumePoint(tmp_path / "resume" / "stage.pt", {"params": {}})
+    weights = torch.zeros(3)
+    writer = StateWriter(point)
+    writer.save({"model": {"w": weights}, "history": [{"epoch": 1}]})
+    weights += 1  # training goes on in place while the file is written
+    writer.wait()
+    assert torch.equal(load_state(point)["model"]["w"], torch.zeros(3))
+    (tmp_path / "blocked").write_text("")
+    writer = StateWriter(ResumePoint(tmp_path / "blocked" / "stage.pt", {}))  # its folder cannot be made
+    writer.save({"model": {}})
+    writer.join()  # a stopping stage only waits
+    with pytest.raises(OSError):
+        writer.wait()  # the training thread gets the write's error
+    writer.wait()  # once

@@ -171,7 +171,10 @@ def test_one_parent_per_execution_with_its_stages_as_children(executions):
         fixed = {f"{stage}_{part}_seconds" for part in ("startup", "work", "teardown")}
         assert fixed <= set(first.metrics), stage
     timing = json.loads((executions["work"] / PATHS["timing"] / "finetune.json").read_text())
-    assert set(timing) == {"startup_seconds", "work_seconds", "teardown_seconds"}
+    assert set(timing) == {"startup_seconds", "work_seconds", "teardown_seconds", "phases"}
+    # Where finetune's work went: the epochs and the model logging's parts (one epoch: no resume save; no register_as).
+    assert {"epochs", "log_prepare", "log_network", "log_pyfunc", "digests", "other"} <= set(timing["phases"])
+    assert sum(timing["phases"].values()) == pytest.approx(timing["work_seconds"], abs=0.02)
     assert 0 < timing["work_seconds"] < second.metrics["finetune_seconds"] and timing["teardown_seconds"] >= 0
     assert timing["work_seconds"] == pytest.approx(second.metrics["finetune_work_seconds"], abs=1e-3)
     assert (executions["work"] / PATHS["timing"] / "choose_lr.json").exists()

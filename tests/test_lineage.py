@@ -2,7 +2,7 @@
 
 from conftest import ROOT
 
-from petpipe import lineage
+from petpipe import files, lineage
 
 
 def test_dvc_is_recognised_however_it_was_started():
@@ -67,3 +67,14 @@ def test_digests_are_dvcs(tmp_path):
     assert lineage.dvc_digest(tmp_path / "d") == obj.hash_info.value
     assert lineage.dvc_digest(tmp_path / "d" / "a.txt") == "0cc175b9c0f1b6a831c399e269772661"
     assert lineage.dvc_digest(tmp_path / "missing") is None
+
+
+def test_a_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    path = tmp_path / "final.pt"
+    path.write_bytes(b"a")
+    reads = []
+    monkeypatch.setattr(lineage, "md5_of", lambda p: reads.append(p) or files.md5_of(p))
+    assert lineage.dvc_digest(path) == lineage.dvc_digest(path) == "0cc175b9c0f1b6a831c399e269772661"
+    assert len(reads) == 1
+    files.write_bytes(path, b"b")  # an atomic rewrite, as every output writer does
+    assert lineage.dvc_digest(path) == "92eb5ffee6ae2fec3ad71c777531578f" and len(reads) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -19,9 +20,10 @@ from petpipe.distributed import mean_over_ranks, world_size
 from petpipe.errors import PetpipeError
 from petpipe.files import atomic_open
 from petpipe.model import NORM_TYPES, build_model, layer_groups
-from petpipe.resume import ResumePoint, load_state, rng_states, save_state, set_rng_states
+from petpipe.resume import ResumePoint, StateWriter, load_state, rng_states, set_rng_states
 from petpipe.schedule import OneCycle
 from petpipe.signals import raise_if_stopped
+from petpipe.stage_clock import phase
 
 ADAM_BETAS = (0.9, 0.99)  # fastai's Adam defaults; beta1 is overwritten by the one-cycle momentum
 ADAM_EPS = 1e-5  # fastai's Adam eps
@@ -242,27 +244,39 @@ def fit_one_cycle(
         print(f"compile: {seconds:.1f} s (torch.compile, mode default)", flush=True)
         if on_compiled:
             on_compiled(seconds)
-    for epoch in range(len(history), epochs):
-        started = time.perf_counter()
-        train_loss, images = train_one_epoch(
-            net, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}"
-        )
-        train_seconds = (
-            time.perf_counter() - started
-        )  # train_one_epoch ends by reading the summed loss: the work is done
-        train_loss, images = mean_over_ranks(train_loss, runtime.device), images * world_size()
-        row = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(eval_net, valid_loader, runtime)}
-        # Throughput: the whole epoch (training pass and validation), and training images per second.
-        row |= {"epoch_seconds": time.perf_counter() - started, "train_images_per_s": images / train_seconds}
-        history.append(row)
-        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-        if resume:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-            save_state(
-                resume, {**state, "step_num": schedule.step_num, "history": history, "rng": rng_states(generators)}
+    writer = StateWriter(resume) if resume else None
+    try:
+        for epoch in range(len(history), epochs):
+            started = time.perf_counter()
+            train_loss, images = train_one_epoch(
+                net, train_loader, optimizer, schedule, scaler, runtime, desc=f"epoch {epoch + 1}/{epochs}"
             )
-        if on_epoch_end:
-            on_epoch_end(row)
+            train_seconds = (
+                time.perf_counter() - started
+            )  # train_one_epoch ends by reading the summed loss: the work is done
+            train_loss, images = mean_over_ranks(train_loss, runtime.device), images * world_size()
+            row = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(eval_net, valid_loader, runtime)}
+            # Throughput: the whole epoch (training pass and validation), and training images per second.
+            row |= {"epoch_seconds": time.perf_counter() - started, "train_images_per_s": images / train_seconds}
+            history.append(row)
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            # The state after every epoch but the last (the stage writes its outputs next, then drops the state),
+            # written while the next epoch trains.
+            if writer is not None and epoch + 1 < epochs:
+                with phase("resume_save"):
+                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+                    writer.save(
+                        {**state, "scaler": scaler.state_dict(), "step_num": schedule.step_num, "history": history}
+                        | {"rng": rng_states(generators)}
+                    )
+            if on_epoch_end:
+                on_epoch_end(row)
+        if writer is not None:
+            with phase("resume_save"):
+                writer.wait()
+    finally:
+        if writer is not None:
+            writer.join()  # stopped mid-epoch: the last finished epoch's state is on disk before the stage exits
     return history
 
 
@@ -322,10 +336,31 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def restore(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Model rebuilt from a petpipe checkpoint (architecture from its metadata, weights from it)."""
+def restore(checkpoint: Path, *, initialise: bool = False) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Model rebuilt from a petpipe checkpoint (architecture from its metadata, weights from it).
+
+    ``initialise``: build it with the architecture's random initialisation first, as training does, so the
+    global random stream advances as it always has (lr_find and finetune keep their dropout draws). Else
+    (prediction: the report, the logged models) it is built without initialising, on the meta device, and takes
+    the checkpoint's tensors: several times faster (benchmarks/RESULTS.md, "Model-stage ceremony").
+    """
     state = load_checkpoint(checkpoint)
     meta = state["meta"]
-    model = build_model(meta["arch"], len(meta["classes"]), weights="none")
-    model.load_state_dict(state["model"])
+    model = None if initialise else _assigned(meta, state["model"])
+    if model is None:
+        model = build_model(meta["arch"], len(meta["classes"]), weights="none")
+        model.load_state_dict(state["model"])
     return model, meta
+
+
+def _assigned(meta: dict[str, Any], weights: dict[str, torch.Tensor]) -> nn.Sequential | None:
+    """The model built on the meta device with ``weights`` assigned; None where an architecture does not allow it
+    (a constructor that reads a tensor's value, a buffer not in the state dict): then build it as usual."""
+    try:
+        with torch.device("meta"):
+            model = build_model(meta["arch"], len(meta["classes"]), weights="none")
+    except Exception:  # NotImplementedError, RuntimeError ...: whatever meta tensors cannot do
+        return None
+    model.load_state_dict(weights, assign=True)  # strict: a checkpoint of another shape fails as before
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return None if any(t.is_meta for t in tensors) else model

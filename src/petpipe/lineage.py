@@ -163,14 +163,28 @@ def dvc_digest(path: Path) -> str | None:
     """DVC's MD5 of a file or folder (folders: ``<md5 of the JSON listing>.dir``); None if it does not exist."""
     path = Path(path)
     if path.is_file():
-        return md5_of(path)
+        return file_md5(path)
     if not path.is_dir():
         return None
     entries = sorted(
-        ({"md5": md5_of(p), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*") if p.is_file()),
+        ({"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*") if p.is_file()),
         key=lambda e: e["relpath"],
     )
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+_MD5S: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> MD5, for this process
+
+
+def file_md5(path: Path) -> str:
+    """MD5 of a file, read once per process while the file stays the same (a checkpoint's digest for the model
+    logging's journal and again for the stage run's output tags). A rewritten file is read again: atomic
+    writes give it another inode, and any write another modification time."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _MD5S:
+        _MD5S[key] = md5_of(path)
+    return _MD5S[key]
 
 
 def locked_digests(lock: Path) -> dict[str, str]:

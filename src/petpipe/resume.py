@@ -3,7 +3,9 @@ does not look (``.dvc/tmp/resume/<stage>.pt``), so a killed stage continues from
 
 The state holds the model, optimizer, one-cycle position, GradScaler, the epochs' metrics so far
 and every random stream (Python, NumPy, torch, CUDA and the loader's own generators), so a resumed
-CPU run ends with exactly the metrics of an uninterrupted one. A state written for other params or
+CPU run ends with exactly the metrics of an uninterrupted one. It is copied to the CPU at the end of
+an epoch and written while the next one trains (``StateWriter``); none is written after the last
+epoch, whose outputs the stage writes at once. A state written for other params or
 other inputs (its ``key`` differs) is discarded with a message. The file is deleted when the stage
 finishes; ``rm -r .dvc/tmp/resume`` discards every pending resume.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +82,53 @@ def save_state(point: ResumePoint, state: dict[str, Any]) -> None:
     """Write the state atomically: a kill during the write leaves the previous epoch's state."""
     with atomic_open(point.path, "wb") as f:
         torch.save({"key": point.key, **state}, f)
+
+
+def cpu_copy(value: Any) -> Any:
+    """``value`` with every tensor copied to the CPU and every dict and list copied: a snapshot that training, which
+    updates weights, moments and param groups in place, cannot change."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
+
+
+class StateWriter:
+    """Writes the resume state of ``point`` in a background thread, one write at a time: ``save`` takes a snapshot
+    (``cpu_copy``) and returns while the file is written, so the next epoch trains meanwhile."""
+
+    def __init__(self, point: ResumePoint):
+        self.point = point
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.wait()  # the previous epoch's write first: the file only ever moves forward
+        snapshot = cpu_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot,), name="petpipe-resume-write")
+        self._thread.start()
+
+    def _write(self, snapshot: dict[str, Any]) -> None:
+        try:
+            save_state(self.point, snapshot)
+        except BaseException as err:  # handed to the training thread by wait()
+            self._error = err
+
+    def join(self) -> None:
+        """Wait for the write in flight (a stopped stage keeps its last finished epoch's state)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wait(self) -> None:
+        """``join``, then raise the write's error, if any (a full disk names the file)."""
+        self.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_state(point: ResumePoint) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from petpipe import stage_clock
 from petpipe.augment import AugmentParams
 from petpipe.config_sections import TrainConfig
 from petpipe.data import DeviceLoader, make_loaders
@@ -67,8 +68,9 @@ def store_metrics(loader: object) -> dict[str, float]:
 
 
 def restore_unfrozen(checkpoint: Path) -> tuple[nn.Sequential, dict[str, Any]]:
-    """The stage-1 model with every layer trainable, and its checkpoint's metadata (lr_find, finetune)."""
-    model, meta = restore(checkpoint)
+    """The stage-1 model with every layer trainable, and its checkpoint's metadata (lr_find, finetune); built with
+    its random initialisation first, so the stages' random streams (dropout) stay those of earlier runs."""
+    model, meta = restore(checkpoint, initialise=True)
     unfreeze(model)
     return model, meta
 
@@ -116,7 +118,7 @@ def fit_and_record(
         resumed_after.append(epoch)
         run.set_tags({"petpipe.resumed_after_epoch": str(epoch)})
 
-    fit_started = time.perf_counter()
+    fit_started, saving = time.perf_counter(), stage_clock.CLOCK.phases.get("resume_save", 0.0)
     history = fit_one_cycle(
         model,
         train_loader,
@@ -134,7 +136,8 @@ def fit_and_record(
         compile=compile,
         on_compiled=lambda seconds: timings.update(compile_seconds=seconds),
     )
-    record_fit_phases(history[sum(resumed_after) :], time.perf_counter() - fit_started)
+    saving = stage_clock.CLOCK.phases.get("resume_save", 0.0) - saving  # its own phase, timed inside the fit
+    record_fit_phases(history[sum(resumed_after) :], time.perf_counter() - fit_started - saving)
     # The values used, recorded with the results; the compile time and the device store's copy apart from the
     # epochs' throughput.
     extra_metrics = normalization.as_metrics() | timings | store_metrics(train_loader) | (extra_metrics or {})
@@ -154,8 +157,8 @@ def fit_and_record(
 
 
 def record_fit_phases(new_epochs: list[dict[str, float]], fit_seconds: float) -> None:
-    """The fit's time as ``epochs`` (the training and validation passes of the epochs run here) and ``fit_setup``
-    (the rest: model to the device, optimizer, compilation, the per-epoch resume saves)."""
+    """The fit's time (less its ``resume_save`` phase) as ``epochs`` (the training and validation passes of the epochs
+    run here) and ``fit_setup`` (the rest: model to the device, optimizer, compilation, per-epoch logging)."""
     epoch_seconds = sum(row["epoch_seconds"] for row in new_epochs)
     add_phase("epochs", epoch_seconds)
     add_phase("fit_setup", max(0.0, fit_seconds - epoch_seconds))
