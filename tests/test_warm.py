@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -236,7 +238,17 @@ def test_the_stage_has_the_callers_affinity_and_umask(stage, tmp_path):
     assert seen["affinity"] == cpus and seen["umask"] == 0o027
 
 
-def test_another_context_or_environment_is_another_server_but_not_another_stage(monkeypatch, tmp_path):
+@pytest.fixture
+def short_runtime():
+    """A 0700 folder with a short path for XDG_RUNTIME_DIR: a socket path must fit in 107 bytes, and pytest's
+    tmp_path (worker, test name) can be longer than that."""
+    folder = Path(tempfile.mkdtemp(prefix="pw-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_another_context_or_environment_is_another_server_but_not_another_stage(monkeypatch, short_runtime):
+    tmp_path = short_runtime
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     tmp_path.chmod(0o700)
     script = ROOT / "stages" / "labels.py"
