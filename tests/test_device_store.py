@@ -10,7 +10,7 @@ from PIL import Image
 from petpipe.augment import fastai_augment
 from petpipe.data import StoreLoader, make_loader, make_loaders
 from petpipe.device import make_runtime
-from petpipe.device_store import DeviceStore, store_bytes_on_device, wants_device_store
+from petpipe.device_store import DeviceStore, decode_store, decoded_offsets, store_bytes_on_device, wants_device_store
 from petpipe.errors import NoRoomError
 from petpipe.normalization import IMAGENET
 from petpipe.presize import PresizedStore
@@ -182,5 +182,20 @@ def test_cuda_batches_are_the_host_loaders(mixed_store):
         loaders(mixed_store, True, runtime=cuda),
     )
     assert isinstance(store_train, StoreLoader) and store_train.loader.device_store.pixels.is_cuda
+    # Decoded on the host by the host loader's decoder, so the same bytes (nvjpeg's differed by up to 62 levels).
     assert_same_batches(epochs(store_train), epochs(host_train))
     assert_same_batches(epochs(store_valid), epochs(host_valid))
+
+
+def test_the_decode_threads_give_the_stores_images_in_place(mixed_store, monkeypatch):
+    """Decoded by several threads in chunks, every image lands at its offset, byte for byte the host loader's."""
+    store = PresizedStore(mixed_store)
+    monkeypatch.setattr("petpipe.device_store.DECODE_CHUNK", 2)  # several chunks for the three threads
+    assert len(store) > 6
+    pixels = decode_store(store, workers=3).numpy()
+    offsets = decoded_offsets(store)
+    for i in range(len(store)):
+        height, width = int(store.heights[i]), int(store.widths[i])
+        image = pixels[offsets[i] : offsets[i] + height * width * 3].reshape(height, width, 3)
+        assert np.array_equal(image, store.image(i))
+    assert len(pixels) == store.decoded_bytes == int(offsets[-1]) + store.image(len(store) - 1).nbytes

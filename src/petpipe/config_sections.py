@@ -218,11 +218,11 @@ class TrainConfig(Section):
         "depend on it, so no stage re-runs when it changes"
     )
     store_on_device: bool | Literal["auto"] = Field(
-        description="decode the presized store once per stage on the training device (nvjpeg on CUDA) and gather "
-        "batches there (no loader workers or host copies): `auto` = on CUDA when the decoded store fits in half the "
-        "free memory, else the host loader; `true` = always (stops if it does not fit; the CPU decodes into memory); "
-        "`false` = the host loader, which decodes per image. Same batches either way (on the CPU; nvjpeg may differ "
-        "from libjpeg-turbo by a level), so no stage re-runs when it changes"
+        description="decode the presized store once per stage (on every core) and hold it on the training device, "
+        "gathering batches there (no loader workers or per-batch host copies): `auto` = on CUDA when the decoded "
+        "store fits in half the free memory, else the host loader; `true` = always (stops if it does not fit; the "
+        "CPU holds it in memory); `false` = the host loader, which decodes per image. Same batches either way, so "
+        "no stage re-runs when it changes"
     )
     augment: AugmentConfig | Literal["none"] = Field(
         description="batch augmentation (the keys below), or `none` to switch it off for ablations"

@@ -1,9 +1,12 @@
 """The presized store decoded once on the training device: batches gathered there, the host only draws indices.
 
-``DeviceStore`` decodes every stored JPEG once per stage (batched nvjpeg on CUDA, libjpeg-turbo on
-the CPU) into one flat uint8 tensor of HxWx3 images back to back, with its index (offsets, heights,
-widths, labels) on the device. The CPU runs the same decode and gather as a GPU does, so the CPU
-tests prove the batches identical to the host loader's. Every square of a presized image is rows of
+``DeviceStore`` decodes every stored JPEG once per stage, on the host's cores with the host loader's
+decoder (libjpeg-turbo), into one flat uint8 tensor of HxWx3 images back to back, and copies it with
+its index (offsets, heights, widths, labels) to the device in large chunks. Not nvjpeg: on an H200
+its decode differed from libjpeg-turbo's by up to 62 levels of 255 (benchmarks/RESULTS.md), and the
+device store must give exactly the host loader's batches (and serving's pixels). The CPU runs the
+same decode and gather as a GPU does, so the CPU tests prove the batches identical to the host
+loader's. Every square of a presized image is rows of
 ``size * 3`` bytes at a fixed stride (the image's row length) from one origin, so a batch is one
 ``index_select`` of ``size`` rows per item from an overlapping-window view of the flat pixels: the
 same bytes ``PresizedStore.square`` cuts.
@@ -13,15 +16,18 @@ This module knows the store and the device, not the loaders: ``data`` builds its
 
 from __future__ import annotations
 
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from petpipe.errors import check_room
-from petpipe.presize import PresizedStore
+from petpipe.presize import PresizedStore, default_workers
 
-DECODE_CHUNK = 256  # JPEGs per batched decode call: enough to fill nvjpeg, a few hundred MB of output at most
+DECODE_CHUNK = 64  # JPEGs per thread task: small enough to balance the threads, large enough to amortise a task
+CHUNK_BYTES = 256 * 2**20  # host-to-device copy size: large enough for full PCIe speed, small pinned buffer
 AUTO_SHARE = 0.5  # ``auto`` keeps the store on the device only when it takes at most this share of the free memory
 NO_ROOM_FIX = "set train.store_on_device: auto (the host loader when the store does not fit) or lower presize.size"
 
@@ -64,30 +70,38 @@ def decoded_offsets(store: PresizedStore) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
 
-def decode_batch(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """JPEGs -> uint8 [3, H, W] images on ``device``: nvjpeg on CUDA (a failure there: the CPU decoder, then a
-    copy), libjpeg-turbo on the CPU."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    if device.type == "cuda":
-        try:
-            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError as err:
-            print(f"device store: nvjpeg failed ({err}); decoding on the CPU")
-    return [image.to(device) for image in decode_jpeg(encoded, mode=ImageReadMode.RGB)]
+def decode_into(pixels: np.ndarray, store: PresizedStore, offsets: np.ndarray, items: range) -> None:
+    """Decode images ``items`` of ``store`` into their places in the flat host ``pixels``. Runs in threads: the
+    decoder and numpy's copy release the GIL."""
+    for i in items:
+        start, height, width = int(offsets[i]), int(store.heights[i]), int(store.widths[i])
+        pixels[start : start + height * width * 3].reshape(height, width, 3)[...] = store.image(i)
 
 
-def decode_store(store: PresizedStore, device: torch.device) -> torch.Tensor:
-    """Every stored image decoded on ``device``, HxWx3 back to back (``decoded_offsets``), as one flat tensor."""
-    pixels = torch.empty(store.decoded_bytes, dtype=torch.uint8, device=device)
-    offsets = decoded_offsets(store)
-    for first in range(0, len(store), DECODE_CHUNK):
-        items = range(first, min(first + DECODE_CHUNK, len(store)))
-        encoded = [torch.from_numpy(store.jpeg(i).copy()) for i in items]  # a copy: the map is read-only
-        for i, image in zip(items, decode_batch(encoded, device)):
-            start, height, width = int(offsets[i]), int(store.heights[i]), int(store.widths[i])
-            pixels[start : start + height * width * 3].view(height, width, 3).copy_(image.permute(1, 2, 0))
+def decode_store(store: PresizedStore, workers: int) -> torch.Tensor:
+    """Every stored image decoded on the host, HxWx3 back to back (``decoded_offsets``), as one flat tensor."""
+    pixels = torch.empty(store.decoded_bytes, dtype=torch.uint8)
+    chunks = [range(first, min(first + DECODE_CHUNK, len(store))) for first in range(0, len(store), DECODE_CHUNK)]
+    decode = functools.partial(decode_into, pixels.numpy(), store, decoded_offsets(store))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(decode, chunks))  # list(): a decode's error is raised here
     return pixels
+
+
+def to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``pixels`` on ``device``: themselves on the CPU, else copied in chunks (through pinned memory on CUDA)."""
+    if device.type == "cpu":
+        return pixels
+    out = torch.empty(pixels.numel(), dtype=torch.uint8, device=device)
+    pinned = device.type == "cuda"
+    buffer = torch.empty(min(CHUNK_BYTES, pixels.numel()), dtype=torch.uint8, pin_memory=pinned)
+    for start in range(0, pixels.numel(), CHUNK_BYTES):
+        chunk = pixels[start : start + CHUNK_BYTES]
+        buffer[: len(chunk)].copy_(chunk)
+        out[start : start + len(chunk)].copy_(buffer[: len(chunk)], non_blocking=pinned)
+        if pinned:
+            torch.cuda.current_stream(device).synchronize()  # the buffer is refilled next
+    return out
 
 
 class DeviceStore:
@@ -96,7 +110,7 @@ class DeviceStore:
     def __init__(self, store: PresizedStore, device: torch.device):
         started = time.perf_counter()
         self.store, self.device = store, device
-        self.pixels = decode_store(store, device)
+        self.pixels = to_device(decode_store(store, default_workers()), device)
         self.offsets, self.heights, self.widths, self.labels = (
             torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
             for a in (decoded_offsets(store), store.heights, store.widths, store.labels)

@@ -11,9 +11,9 @@ Each presized image is stored re-encoded as a JPEG (quality ``JPEG_QUALITY``): ~
 Pets image against 635-830 KB of raw pixels, so the store, DVC's hash of it and its cache copy cost
 a tenth of the raw bytes (benchmarks/RESULTS.md, "The presized store"). Decoding a stored image
 (libjpeg-turbo, ~1 ms for 460 px on one core) replaces the original's decode plus resize (~4 ms):
-the host loader decodes per item; the device store decodes the whole store once per stage, with
-nvjpeg on a GPU. Serving applies the same round trip (``presized_pixels``), so a served image is
-exactly what training saw.
+the host loader decodes per item; the device store decodes the whole store once per stage, on all
+cores, with the same decoder (nvjpeg's pixels differ). Serving applies the same round trip
+(``presized_pixels``), so a served image is exactly what training saw.
 
 Before anything is decoded or written, a bound on the store's size is known from the image headers
 (the sum of the presized shapes' raw pixels; a quality-90 4:2:0 JPEG codes 1.5 samples a pixel
@@ -66,7 +66,7 @@ IMAGES_FILE = "images.jpg"
 # Chosen by measurement (RESULTS.md): at 90, a 460 px image is ~8-12x smaller than raw and decodes in ~1 ms; the
 # error it adds (mean |diff| ~1-3 levels of 255) is below what the augmentation's resampling changes.
 JPEG_QUALITY = 90
-JPEG_SUBSAMPLING = "4:2:0"  # the photos' own: what nvjpeg and libjpeg-turbo decode fastest
+JPEG_SUBSAMPLING = "4:2:0"  # the photos' own, and the fastest to decode
 INDEX_FILE = "index.npy"
 PATHS_FILE = "paths.json"
 SKIPPED_FILE = "skipped.csv"
