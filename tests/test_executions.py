@@ -262,10 +262,10 @@ def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(
     location = client.get_logged_model(models["image_classifier"]).artifact_location
     pyfunc = yaml.safe_load(mlflow.artifacts.load_text(location + "/MLmodel"))["flavors"]["python_function"]
     files = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=location)}
-    # A model from code: loading it runs the logged pyfunc_model.py and unpickles nothing.
+    # A model from code: loading it runs the logged tracking/pyfunc.py (as pyfunc.py) and unpickles nothing.
     assert (
         pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
-        and "pyfunc_model.py" in files
+        and "pyfunc.py" in files
         and "python_model.pkl" not in files
     ), files
     candidate = client.get_model_version_by_alias(REGISTERED, "candidate")
