@@ -39,9 +39,9 @@ endif
 # processes they start, torch's default of one thread per core oversubscribes the cores
 # (benchmarks/RESULTS.md, "Test suite").
 PYTEST_WORKERS ?= 2
-# Warm stage processes (petpipe.warm) are off by default; PETPIPE_WARM=0 keeps them off for the tests even where
+# Warm stage processes (petpipe.run.warm) are off by default; PETPIPE_WARM=0 keeps them off for the tests even where
 # the caller's shell turned them on (a test running one stage would start a server for nothing). The tests that
-# need them turn them on themselves (tests/test_warm.py, the end-to-end build).
+# need them turn them on themselves (tests/run/test_warm.py, the end-to-end build).
 TEST_ENV = PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PETPIPE_WARM=$${PETPIPE_WARM:-0}
 
 # One formatter and linter (ruff, settings in pyproject.toml); `ruff format .` rewrites, this only checks.

@@ -53,15 +53,15 @@ import torch
 import torchvision
 from PIL import Image
 
-from petpipe.archive import extract
-from petpipe.augment import AugmentParams, fastai_augment
-from petpipe.data import DeviceLoader, make_loaders, resolve_workers
-from petpipe.device import Runtime, make_runtime, seed_everything
-from petpipe.engine import fit_one_cycle, make_optimizer, predict, train_step
-from petpipe.labels import make_table
-from petpipe.model import build_model, layer_groups, unfreeze
-from petpipe.normalization import IMAGENET
-from petpipe.presize import default_workers, write_store
+from petpipe.compute.device import Runtime, make_runtime, seed_everything
+from petpipe.data.augment import AugmentParams, fastai_augment
+from petpipe.data.labels import make_table
+from petpipe.data.loaders import DeviceLoader, make_loaders, resolve_workers
+from petpipe.data.normalization import IMAGENET
+from petpipe.data.presize import default_workers, write_store
+from petpipe.sources.archive import extract
+from petpipe.train.engine import fit_one_cycle, make_optimizer, predict, train_step
+from petpipe.train.model import build_model, layer_groups, unfreeze
 
 DIGITS_ARCHIVE = Path(__file__).resolve().parents[1] / "assets" / "digits.tgz"
 PETS_PATTERN = r"^(.+)_\d+\.jpg$"  # the lesson-1 labelling rule: breed = file name before _<n>.jpg

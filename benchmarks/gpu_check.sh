@@ -49,7 +49,7 @@ if (( DRY )); then
   DATA=(--preset cpu --arch resnet18 --size 16 --batch-size 8 --images 48 --epochs 1 --data pets-like --no-fastai
         --threads 1 --presize 32)
   STEPS=(--device cpu --arch timm/test_resnet --size 16 --batch-size 4 --steps 2 --warmup 1 --precisions fp32)
-  TESTS=(tests/test_augment.py tests/test_data.py)
+  TESTS=(tests/data/test_augment.py tests/data/test_loaders.py)
   CAPS=(150 60 60 60 45 90)  # a first torch.compile on the CPU builds C++: 15-45 s
 else
   BUDGET=${GPU_CHECK_BUDGET:-570}
@@ -58,7 +58,7 @@ else
   DATA=(--preset cuda --arch resnet34 --size 224 --batch-size 64 --precision bf16 --data pets-like --no-fastai
         --presize 460)
   STEPS=(--device cuda --arch resnet34 --size 224 --batch-size 64 --steps 30 --warmup 5 --precisions bf16,fp16)
-  TESTS=(tests/test_augment.py tests/test_data.py tests/test_engine.py tests/test_device_store.py)
+  TESTS=(tests/data/test_augment.py tests/data/test_loaders.py tests/train/test_engine.py tests/data/test_device_store.py)
   CAPS=(300 150 75 60 45 90)
 fi
 

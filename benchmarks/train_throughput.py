@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/train_throughput.py --arch resnet34 --size 224 --batch-size 64
 
-Runs ``petpipe.engine.train_step`` (autocast + GradScaler, the code the pipeline uses) on
+Runs ``petpipe.train.engine.train_step`` (autocast + GradScaler, the code the pipeline uses) on
 synthetic batches already on the device, so it measures the model's forward/backward/step, not
 JPEG decoding. Prints images/s per precision, the ratio to the first, and peak GPU memory.
 
@@ -30,13 +30,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from petpipe.augment import fastai_augment
-from petpipe.data import make_loaders
-from petpipe.device import Runtime, pick_device, pick_precision, seed_everything
-from petpipe.engine import fit_one_cycle, load_checkpoint, make_optimizer, save_checkpoint, train_step, uses_fused_adamw
-from petpipe.model import build_model, layer_groups
-from petpipe.normalization import IMAGENET
-from petpipe.presize import write_store
+from petpipe.compute.device import Runtime, pick_device, pick_precision, seed_everything
+from petpipe.data.augment import fastai_augment
+from petpipe.data.loaders import make_loaders
+from petpipe.data.normalization import IMAGENET
+from petpipe.data.presize import write_store
+from petpipe.train.engine import (
+    fit_one_cycle,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    train_step,
+    uses_fused_adamw,
+)
+from petpipe.train.model import build_model, layer_groups
 
 
 def synchronize(device: torch.device) -> None:

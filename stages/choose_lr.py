@@ -13,15 +13,15 @@ from pathlib import Path
 # This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from petpipe.config import Config  # noqa: E402
-from petpipe.stage import exit_process, stage_main  # noqa: E402
+from petpipe.run.config import Config  # noqa: E402
+from petpipe.run.stage import exit_process, stage_main  # noqa: E402
 
 PARAMS = ("finetune.max_lr",)
 
 
 def run(cfg: Config, *, lr_find_result: Path, chosen: Path) -> dict:
-    from petpipe.files import write_json
-    from petpipe.finetune_lr import choose_max_lr
+    from petpipe.run.files import write_json
+    from petpipe.train.lr_choice import choose_max_lr
 
     result = choose_max_lr(cfg.finetune.max_lr, lr_find_result)
     write_json(chosen, result)

@@ -8,15 +8,15 @@ from pathlib import Path
 # This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from petpipe.config import Config, flatten, select  # noqa: E402
-from petpipe.stage import exit_process, stage_main  # noqa: E402
+from petpipe.run.config import Config, flatten, select  # noqa: E402
+from petpipe.run.stage import exit_process, stage_main  # noqa: E402
 
 PARAMS = ("data.url", "data.sha256", "data.md5", "data.size", "data.max_members", "data.max_unpacked_bytes")
 
 
 def run(cfg: Config, *, dataset: Path) -> dict:
-    from petpipe.fetch import fetch
-    from petpipe.stage_clock import phase
+    from petpipe.run.clock import phase
+    from petpipe.sources.fetch import fetch
     from petpipe.tracking.runs import stage_run
     from petpipe.tracking.store import repo_root
 

@@ -8,8 +8,8 @@ from pathlib import Path
 # This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from petpipe.config import Config, flatten, select  # noqa: E402
-from petpipe.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
+from petpipe.run.config import Config, flatten, select  # noqa: E402
+from petpipe.run.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
 
 PARAMS = (
     "seed",
@@ -31,17 +31,17 @@ PARAMS = (
 def run(
     cfg: Config, *, presized: Path, checkpoint: Path, chosen_lr: Path, final: Path, metrics: Path, plot: Path
 ) -> dict:
-    from petpipe.finetune_lr import read_chosen_lr
-    from petpipe.model import layer_groups
-    from petpipe.normalization import from_meta
-    from petpipe.presize import PresizedStore
-    from petpipe.resume import resume_point
-    from petpipe.schedule import discriminative_lrs
-    from petpipe.serving import example_input
-    from petpipe.stage_clock import phase
+    from petpipe.data.normalization import from_meta
+    from petpipe.data.presize import PresizedStore
+    from petpipe.run.clock import phase
+    from petpipe.serve.classifier import example_input
     from petpipe.tracking.models import log_final_models, warm_up_model_logging
     from petpipe.tracking.runs import stage_run
-    from petpipe.training import fit_and_record, loaders, prepare, restore_unfrozen
+    from petpipe.train.lr_choice import read_chosen_lr
+    from petpipe.train.model import layer_groups
+    from petpipe.train.resume import resume_point
+    from petpipe.train.runner import fit_and_record, loaders, prepare, restore_unfrozen
+    from petpipe.train.schedule import discriminative_lrs
 
     inputs = {"presized": presized, "checkpoint": checkpoint, "chosen_lr": chosen_lr}
     with stage_run(

@@ -9,8 +9,8 @@ from pathlib import Path
 # This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from petpipe.config import Config, flatten, select  # noqa: E402
-from petpipe.stage import exit_process, stage_main  # noqa: E402
+from petpipe.run.config import Config, flatten, select  # noqa: E402
+from petpipe.run.stage import exit_process, stage_main  # noqa: E402
 
 PARAMS = (
     "seed",
@@ -28,10 +28,10 @@ PARAMS = (
 
 
 def run(cfg: Config, *, dataset: Path, out_dir: Path, metrics: Path) -> dict[str, int]:
-    from petpipe.files import write_json
-    from petpipe.label_table import write_table
-    from petpipe.labels import make_table
-    from petpipe.stage_clock import phase
+    from petpipe.data.labels import make_table
+    from petpipe.data.table import write_table
+    from petpipe.run.clock import phase
+    from petpipe.run.files import write_json
     from petpipe.tracking.runs import stage_run
 
     with stage_run(

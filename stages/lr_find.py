@@ -8,8 +8,8 @@ from pathlib import Path
 # This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from petpipe.config import Config, flatten, select  # noqa: E402
-from petpipe.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
+from petpipe.run.config import Config, flatten, select  # noqa: E402
+from petpipe.run.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
 
 PARAMS = (
     "seed",
@@ -26,11 +26,11 @@ PARAMS = (
 
 
 def run(cfg: Config, *, presized: Path, checkpoint: Path, result: Path, plot: Path, figure: Path) -> dict:
-    from petpipe.lr_find import lr_find_summary, lr_range_test, record_lr_find
-    from petpipe.normalization import from_meta
-    from petpipe.stage_clock import phase
+    from petpipe.data.normalization import from_meta
+    from petpipe.run.clock import phase
     from petpipe.tracking.runs import stage_run
-    from petpipe.training import loaders, prepare, restore_unfrozen
+    from petpipe.train.lr_find import lr_find_summary, lr_range_test, record_lr_find
+    from petpipe.train.runner import loaders, prepare, restore_unfrozen
 
     with stage_run(
         "lr_find",

@@ -11,17 +11,17 @@ from pathlib import Path
 # This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from petpipe.config import Config, flatten, select  # noqa: E402
-from petpipe.stage import exit_process, stage_main  # noqa: E402
+from petpipe.run.config import Config, flatten, select  # noqa: E402
+from petpipe.run.stage import exit_process, stage_main  # noqa: E402
 
 PARAMS = ("presize.size",)
 
 
 def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_dir: Path, metrics: Path) -> dict:
-    from petpipe.files import write_json
-    from petpipe.label_table import read_table
-    from petpipe.presize import default_workers, write_store
-    from petpipe.stage_clock import phase
+    from petpipe.data.presize import default_workers, write_store
+    from petpipe.data.table import read_table
+    from petpipe.run.clock import phase
+    from petpipe.run.files import write_json
     from petpipe.tracking.runs import stage_run
 
     with stage_run(

@@ -16,8 +16,8 @@ from typing import Any
 # This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from petpipe.config import Config, flatten, load_config, select  # noqa: E402
-from petpipe.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
+from petpipe.run.config import Config, flatten, load_config, select  # noqa: E402
+from petpipe.run.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
 
 PARAMS = (
     "seed",
@@ -92,19 +92,19 @@ def run(
     summary: Path,
     metrics: Path,
 ) -> dict:
-    from petpipe import report as rp
-    from petpipe import report_build as rb
-    from petpipe import report_inputs as ri
-    from petpipe.data import make_loader
-    from petpipe.device import make_runtime
-    from petpipe.engine import classification_metrics, predict, restore
-    from petpipe.interpret import Interpretation
-    from petpipe.model import layer_groups
-    from petpipe.normalization import from_meta
-    from petpipe.presize import PresizedStore
-    from petpipe.stage_clock import phase
+    from petpipe.compute.device import make_runtime
+    from petpipe.data.loaders import make_loader
+    from petpipe.data.normalization import from_meta
+    from petpipe.data.presize import PresizedStore
+    from petpipe.report import build as rb
+    from petpipe.report import inputs as ri
+    from petpipe.report import page as rp
+    from petpipe.report.interpret import Interpretation
+    from petpipe.run.clock import phase
     from petpipe.tracking.runs import stage_run
-    from petpipe.training import augment_params
+    from petpipe.train.engine import classification_metrics, predict, restore
+    from petpipe.train.model import layer_groups
+    from petpipe.train.runner import augment_params
 
     started = time.perf_counter()
     outputs = {

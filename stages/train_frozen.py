@@ -8,8 +8,8 @@ from pathlib import Path
 # This checkout's petpipe, not whichever one is installed: a DVC temp or queue workspace runs its own code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from petpipe.config import Config, flatten, select  # noqa: E402
-from petpipe.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
+from petpipe.run.config import Config, flatten, select  # noqa: E402
+from petpipe.run.stage import TRAINING_DATA, exit_process, stage_main  # noqa: E402
 
 PARAMS = (
     "seed",
@@ -33,13 +33,13 @@ PARAMS = (
 
 
 def run(cfg: Config, *, presized: Path, checkpoint: Path, metrics: Path, plot: Path) -> dict:
-    from petpipe.model import build_model, freeze_body, layer_groups
-    from petpipe.normalization import resolve_normalization
-    from petpipe.presize import PresizedStore
-    from petpipe.resume import resume_point
-    from petpipe.stage_clock import phase
+    from petpipe.data.normalization import resolve_normalization
+    from petpipe.data.presize import PresizedStore
+    from petpipe.run.clock import phase
     from petpipe.tracking.runs import stage_run
-    from petpipe.training import fit_and_record, loaders, prepare
+    from petpipe.train.model import build_model, freeze_body, layer_groups
+    from petpipe.train.resume import resume_point
+    from petpipe.train.runner import fit_and_record, loaders, prepare
 
     outputs = {"checkpoint": checkpoint, "metrics": metrics, "plot": plot}
     with stage_run(

@@ -92,7 +92,7 @@ def folder_dataset(tmp_path: Path) -> Path:
 
 def folder_table(root: Path):
     """The labels table of a folder dataset (train/ and valid/ folders), as the labels stage makes it."""
-    from petpipe.labels import make_table
+    from petpipe.data.labels import make_table
 
     return make_table(
         root,
@@ -109,7 +109,7 @@ def folder_table(root: Path):
 
 def write_presized(root: Path, out_dir: Path, size: int = 24) -> Path:
     """The presized store of a folder dataset (train/ and valid/ folders), as the presize stage writes it."""
-    from petpipe.presize import write_store
+    from petpipe.data.presize import write_store
 
     table = folder_table(root)
     items = table.indexed()

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import ROOT, copy_project, copy_store, make_tarball, stage_env, write_folder_dataset
 
-from petpipe.warm import THREAD_FREE_ENV
+from petpipe.run.warm import THREAD_FREE_ENV
 
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 UNTRACKED = {"choose_lr"}  # bookkeeping stages without an MLflow run

@@ -77,9 +77,9 @@ def attribute_chains(tree: ast.AST, name: str) -> set[str]:
 
 # Adapters that take a whole params section and read some of its keys (the one place each translates config
 # into library arguments): a call ``adapter(cfg.<section>, ...)`` reads what the adapter's body reads of it.
-ADAPTERS = {"loaders": ROOT / "src/petpipe/training.py"}
+ADAPTERS = {"loaders": ROOT / "src/petpipe/train/runner.py"}
 # stage_main(..., torchrun_script=...) relaunches the stage under torchrun as stage.launch(cfg, ...) decides.
-LAUNCH = ("launch", ROOT / "src/petpipe/stage.py")
+LAUNCH = ("launch", ROOT / "src/petpipe/run/stage.py")
 
 
 def function_reads(path: Path, name: str, prefix: str = "") -> set[str]:

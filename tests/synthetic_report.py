@@ -15,12 +15,12 @@ import torch
 import yaml
 from stage_code import ROOT
 
-from petpipe.config import load_config, parse_config
-from petpipe.engine import classification_metrics
-from petpipe.files import write_rows
-from petpipe.interpret import Interpretation
-from petpipe.report import DataInfo, LrInfo, RunInfo
-from petpipe.report_build import Predictions, Report, build_report, write_report
+from petpipe.report.build import Predictions, Report, build_report, write_report
+from petpipe.report.interpret import Interpretation
+from petpipe.report.page import DataInfo, LrInfo, RunInfo
+from petpipe.run.config import load_config, parse_config
+from petpipe.run.files import write_rows
+from petpipe.train.engine import classification_metrics
 
 # The 37 Oxford-IIIT Pet breeds, as lesson 1's labelling rule names them.
 PET_BREEDS = [

@@ -15,8 +15,8 @@ from http_faults import FaultyServer
 from PIL import Image
 from test_stage_spec import load_stage
 
-from petpipe import download as download_module
-from petpipe.download import Network
+from petpipe.sources import download as download_module
+from petpipe.sources.download import Network
 
 BREEDS = {"great_pyrenees": (230, 230, 230), "Bengal": (200, 120, 40)}
 
@@ -130,7 +130,7 @@ def test_pets_like_archive_over_flaky_http_to_a_presized_store(params, tmp_path,
         and skipped[1].startswith("images/great_pyrenees_3.jpg,truncated")
     )
 
-    from petpipe.presize import PresizedStore
+    from petpipe.data.presize import PresizedStore
 
     presized = PresizedStore(store)
     assert presized.classes == ["Bengal", "great_pyrenees"] and len(presized.paths) == 15

@@ -15,8 +15,8 @@ import yaml
 from conftest import ROOT, folder_table, stage_env, write_folder_dataset, write_params
 from small_disk import can_mount_tmpfs, simulated_command, tmpfs_command
 
-from petpipe.label_table import write_table
-from petpipe.presize import store_bytes
+from petpipe.data.presize import store_bytes
+from petpipe.data.table import write_table
 
 DISK = 256 * 1024  # bytes: the small disk's size and free space
 PLENTY = 10**12

@@ -187,8 +187,8 @@ def test_forced_rerun_reproduces_the_same_bytes(repo):
 
 
 def test_editing_one_module_reruns_only_the_stages_that_import_it(repo):
-    """report_html.py (the page) is imported by the report stage alone: only it is out of date."""
-    module, lock = repo / "src/petpipe/report_html.py", repo / "dvc.lock"
+    """report/html.py (the page) is imported by the report stage alone: only it is out of date."""
+    module, lock = repo / "src/petpipe/report/html.py", repo / "dvc.lock"
     original, locked = module.read_text(), lock.read_text()
     module.write_text(original + "\n# an edit\n")
     try:
@@ -271,7 +271,7 @@ def test_warm_and_cold_runs_give_the_same_outputs(repo):
     assert built.count("timing (warm stage process):") >= len(STAGES) - 3, built[-3000:]
     warm = outs(run(["git", "show", "HEAD:dvc.lock"], repo).stdout)
     result = run(["dvc", "repro", "-f"], repo, PETPIPE_WARM="0")
-    assert ran_stages(result) == STAGES and "petpipe.warm" not in result.stderr and "(warm" not in result.stdout
+    assert ran_stages(result) == STAGES and "petpipe.run.warm" not in result.stderr and "(warm" not in result.stdout
     cold = outs((repo / "dvc.lock").read_text())
     assert set(cold) == set(warm) and TIMED <= set(cold)
     assert {path: cold[path] for path in cold if path not in TIMED} == {p: warm[p] for p in warm if p not in TIMED}

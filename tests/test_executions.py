@@ -27,7 +27,7 @@ from conftest import (
 from mlflow.tracking import MlflowClient
 from test_stage_spec import load_stage
 
-from petpipe.lineage import dvc_digest
+from petpipe.run.lineage import dvc_digest
 from petpipe.tracking.replay import replay
 
 pytestmark = pytest.mark.slow
@@ -247,12 +247,12 @@ def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(
     import pandas as pd
     import torch
 
-    from petpipe.data import make_loader
-    from petpipe.device import make_runtime
-    from petpipe.engine import predict
-    from petpipe.normalization import Normalization
-    from petpipe.presize import PresizedStore
-    from petpipe.serving import ImageClassifier
+    from petpipe.compute.device import make_runtime
+    from petpipe.data.loaders import make_loader
+    from petpipe.data.normalization import Normalization
+    from petpipe.data.presize import PresizedStore
+    from petpipe.serve.classifier import ImageClassifier
+    from petpipe.train.engine import predict
 
     client = executions["client"]
     finetune = runs(executions, "tags.`petpipe.execution` = 'second' and attributes.run_name = 'finetune'")[0]
@@ -262,10 +262,10 @@ def test_the_final_model_is_logged_once_as_a_network_and_a_raw_image_classifier(
     location = client.get_logged_model(models["image_classifier"]).artifact_location
     pyfunc = yaml.safe_load(mlflow.artifacts.load_text(location + "/MLmodel"))["flavors"]["python_function"]
     files = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=location)}
-    # A model from code: loading it runs the logged pyfunc_model.py and unpickles nothing.
+    # A model from code: loading it runs the logged tracking/pyfunc.py (as pyfunc.py) and unpickles nothing.
     assert (
         pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"
-        and "pyfunc_model.py" in files
+        and "pyfunc.py" in files
         and "python_model.pkl" not in files
     ), files
     candidate = client.get_model_version_by_alias(REGISTERED, "candidate")
@@ -324,8 +324,8 @@ def test_replay_logs_the_final_model_only_if_it_is_the_trained_one_and_registers
     example if the checkpoint still has the trained digest, never registered; a changed checkpoint is not logged."""
     import base64
 
-    from petpipe.presize import PresizedStore
-    from petpipe.serving import example_input
+    from petpipe.data.presize import PresizedStore
+    from petpipe.serve.classifier import example_input
 
     client, work = executions["client"], executions["work"]
     final = work / "models/final.pt"

@@ -39,7 +39,7 @@ def test_a_server_stopped_mid_stage_leaves_valid_outputs_and_a_replayable_journa
 ):
     import torch
 
-    import petpipe.training as training
+    import petpipe.train.runner as training
 
     home = tmp_path / "server"
     home.mkdir()

@@ -13,7 +13,7 @@ import yaml
 from conftest import ROOT, copy_project, copy_store, stage_env, tar_bytes
 from http_faults import FaultyServer
 
-from petpipe.download import cached_archive
+from petpipe.sources.download import cached_archive
 
 pytestmark = pytest.mark.slow
 

@@ -142,7 +142,7 @@ def test_labels_then_presize_on_awkward_files_then_training(tiny_params, tmp_pat
         and len(skipped) == 2
         and skipped[1].startswith("images/great_pyrenees_8.jpg,truncated or corrupt image")
     )
-    from petpipe.presize import PresizedStore
+    from petpipe.data.presize import PresizedStore
 
     presized = PresizedStore(store)
     assert presized.classes == ["Bengal", "great_pyrenees"] and "images/Bengal_8.jpg" in presized.paths

@@ -9,7 +9,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from petpipe import lineage
+from petpipe.run import lineage
 
 
 def quote(key: str) -> str:

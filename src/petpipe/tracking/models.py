@@ -1,5 +1,5 @@
 """The final model in MLflow: logged once by finetune as the network and as a pyfunc taking raw images
-(``ImageClassifierModel``, logged from code: ``petpipe/pyfunc_model.py``), optionally registered."""
+(``ImageClassifierModel``, logged from code: ``petpipe/tracking/pyfunc.py``), optionally registered."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import mlflow
 import pandas as pd  # imported by mlflow anyway
 from mlflow.tracking import MlflowClient
 
-from petpipe import lineage
-from petpipe.serving import load_classifier
-from petpipe.stage_clock import phase
+from petpipe.run import lineage
+from petpipe.run.clock import phase
+from petpipe.serve.classifier import load_classifier
 from petpipe.tracking.store import TrackingError
 
 if TYPE_CHECKING:
@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 
 CANDIDATE_ALIAS = "candidate"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # logged with the pyfunc: the code it runs when loaded
-PYFUNC_CODE = PACKAGE_DIR / "pyfunc_model.py"  # the pyfunc, logged as a model from code
+PYFUNC_CODE = PACKAGE_DIR / "tracking" / "pyfunc.py"  # the pyfunc, logged as a model from code
 
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
-    """pyfunc adapter around ``serving.load_classifier``: a DataFrame column ``image`` in, ``label`` and
+    """pyfunc adapter around ``serve.classifier.load_classifier``: a DataFrame column ``image`` in, ``label`` and
     ``probability`` out."""
 
     def load_context(self, context) -> None:

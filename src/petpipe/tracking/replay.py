@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from petpipe import lineage
+from petpipe.run import lineage
 from petpipe.tracking.runs import REPLAY_COMMAND, StageRun, stage_run
 from petpipe.tracking.store import TrackingError
 

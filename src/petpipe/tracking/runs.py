@@ -19,8 +19,9 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from petpipe import lineage, stage_clock
-from petpipe.signals import deferred_stop
+from petpipe.run import clock as stage_clock
+from petpipe.run import lineage
+from petpipe.run.signals import deferred_stop
 from petpipe.tracking import links
 from petpipe.tracking.store import (
     EXPERIMENT,

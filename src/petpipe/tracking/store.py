@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from petpipe.errors import PetpipeError
+from petpipe.run.errors import PetpipeError
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
