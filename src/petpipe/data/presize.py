@@ -7,8 +7,8 @@ square is the same as resizing the whole image so that its shorter side is 460 a
 kept, and the loader cuts the square per item as a cheap slice (``PresizedStore.square``). No
 crop position is frozen into the store.
 
-Each presized image is stored re-encoded as a JPEG (quality ``JPEG_QUALITY``): ~65 KB for a 460 px
-Pets image against 635-830 KB of raw pixels, so the store, DVC's hash of it and its cache copy cost
+Each presized image is stored re-encoded as a JPEG (quality ``JPEG_QUALITY``): 40-70 KB for a 460 px
+photo against 635-830 KB of raw pixels, so the store, DVC's hash of it and its cache copy cost
 a tenth of the raw bytes (benchmarks/RESULTS.md, "The presized store"). Decoding a stored image
 (libjpeg-turbo, ~1 ms for 460 px on one core) replaces the original's decode plus resize (~4 ms):
 the host loader decodes per item; the device store decodes the whole store once per stage, on all
