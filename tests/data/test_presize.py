@@ -301,3 +301,15 @@ def test_a_disk_that_fills_anyway_names_the_file_and_keeps_the_old_store(dataset
         write_store(root, items, out, size=16, workers=1, progress=False)
     assert str(caught.value) == f"{out / named}: {FULL}"
     assert store_files(out) == before and os.listdir(tmp_path / "disk") == ["store"]
+
+
+def test_without_torchvisions_decoder_pillow_gives_the_same_pixels(dataset, tmp_path, monkeypatch):
+    """torchvision deprecated its decoders (0.29): where one no longer decodes, Pillow's libjpeg-turbo stands in."""
+    root, items = dataset
+    write_store(root, items, tmp_path / "store", size=16, workers=1, progress=False)
+    store = PresizedStore(tmp_path / "store")
+    assert presize.torchvision_decoder() is not None  # this venv's torchvision decodes
+    with_torchvision = [store.image(i) for i in range(len(store))]
+    monkeypatch.setattr(presize, "torchvision_decoder", lambda: None)
+    for i, expected in enumerate(with_torchvision):
+        assert np.array_equal(store.image(i), expected)

@@ -177,14 +177,21 @@ def test_a_server_whose_imports_started_a_thread_runs_every_stage_cold(stage, tm
     assert "its imports started threads" in done.stderr and "this stage runs cold" in done.stderr
 
 
-def test_sigterm_reaches_the_stage_and_its_exit_status_comes_back(stage, tmp_path):
-    script, env = stage
+def waiting_stage(script: Path, env: dict[str, str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A server up (one warm run first), then a caller whose forked stage waits until signalled; and the file where
+    the stage has written what it saw (its pid)."""
     warm_run(script, "0", tmp_path / "ready.json", env)
     out = tmp_path / "seen.json"
     caller = subprocess.Popen(
         [sys.executable, str(script), "wait", str(out)], env=env, stdout=subprocess.DEVNULL, cwd=script.parents[1]
     )
     assert wait_for(lambda: out.exists() and out.stat().st_size > 0, 60)
+    return caller, out
+
+
+def test_sigterm_reaches_the_stage_and_its_exit_status_comes_back(stage, tmp_path):
+    script, env = stage
+    caller, out = waiting_stage(script, env, tmp_path)
     caller.send_signal(signal.SIGTERM)
     assert caller.wait(timeout=30) == 42  # the stage's own SIGTERM handler ran
 
@@ -208,12 +215,7 @@ def test_a_stage_exits_as_a_process_does(stage, tmp_path):
 def test_a_killed_caller_takes_the_stage_with_it(stage, tmp_path):
     """SIGKILL of the script DVC started (no chance to forward anything): the forked stage must not live on."""
     script, env = stage
-    warm_run(script, "0", tmp_path / "ready.json", env)
-    out = tmp_path / "seen.json"
-    caller = subprocess.Popen(
-        [sys.executable, str(script), "wait", str(out)], env=env, stdout=subprocess.DEVNULL, cwd=script.parents[1]
-    )
-    assert wait_for(lambda: out.exists() and out.stat().st_size > 0, 60)
+    caller, out = waiting_stage(script, env, tmp_path)
     forked = json.loads(out.read_text())["pid"]
     assert pid_alive(forked) and forked != caller.pid
     caller.kill()

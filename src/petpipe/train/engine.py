@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from petpipe.compute.device import Runtime
 from petpipe.compute.distributed import mean_over_ranks, world_size
-from petpipe.run.clock import phase
+from petpipe.run.clock import add_phase, phase
 from petpipe.run.errors import PetpipeError
 from petpipe.run.files import atomic_open
 from petpipe.run.signals import raise_if_stopped
@@ -202,7 +202,10 @@ def fit_one_cycle(
     from the same params and inputs is continued from (its epochs are not trained again). With
     ``compile``, the training and evaluation loops run the ``torch.compile``d model, compiled before the
     first epoch (``on_compiled(seconds)``); ``model`` itself stays uncompiled (checkpoints, state dicts).
+    The stage's phases get ``fit_setup`` (all before the first epoch), ``epochs`` (each epoch's training and
+    validation passes) and ``resume_save``.
     """
+    setup_started = time.perf_counter()
     model.to(runtime.device, memory_format=runtime.memory_format)
     optimizer = make_optimizer(model, weight_decay, layer_groups(model))
     schedule = OneCycle(
@@ -244,6 +247,7 @@ def fit_one_cycle(
         print(f"compile: {seconds:.1f} s (torch.compile, mode default)", flush=True)
         if on_compiled:
             on_compiled(seconds)
+    add_phase("fit_setup", time.perf_counter() - setup_started)
     writer = StateWriter(resume) if resume else None
     try:
         for epoch in range(len(history), epochs):
@@ -259,6 +263,7 @@ def fit_one_cycle(
             # Throughput: the whole epoch (training pass and validation), and training images per second.
             row |= {"epoch_seconds": time.perf_counter() - started, "train_images_per_s": images / train_seconds}
             history.append(row)
+            add_phase("epochs", row["epoch_seconds"])
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             # The state after every epoch but the last (the stage writes its outputs next, then drops the state),
             # written while the next epoch trains.

@@ -8,7 +8,6 @@ of params (tests check their reads against dvc.yaml).
 from __future__ import annotations
 
 import atexit
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,7 @@ from petpipe.compute.distributed import destroy_process_group, init_process_grou
 from petpipe.data.augment import AugmentParams
 from petpipe.data.loaders import DeviceLoader, make_loaders
 from petpipe.data.normalization import Normalization, from_meta
-from petpipe.run import clock
-from petpipe.run.clock import add_phase, phase
+from petpipe.run.clock import phase
 from petpipe.run.files import write_json, write_rows
 from petpipe.run.sections import TrainConfig
 from petpipe.train.engine import fit_one_cycle, restore, save_checkpoint
@@ -112,13 +110,6 @@ def fit_and_record(
         {f"{stage}.lr_max_groups": [float(f"{lr:.4g}") for lr in lr_max], f"{stage}.normalize": normalization.as_dict()}
     )
     timings: dict[str, float] = {}
-    resumed_after: list[int] = []  # the epochs a resumed fit did not run again
-
-    def on_resume(epoch: int) -> None:
-        resumed_after.append(epoch)
-        run.set_tags({"petpipe.resumed_after_epoch": str(epoch)})
-
-    fit_started, saving = time.perf_counter(), clock.CLOCK.phases.get("resume_save", 0.0)
     history = fit_one_cycle(
         model,
         train_loader,
@@ -132,12 +123,10 @@ def fit_and_record(
             {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
         ),
         resume=resume,
-        on_resume=on_resume,
+        on_resume=lambda epoch: run.set_tags({"petpipe.resumed_after_epoch": str(epoch)}),
         compile=compile,
         on_compiled=lambda seconds: timings.update(compile_seconds=seconds),
     )
-    saving = clock.CLOCK.phases.get("resume_save", 0.0) - saving  # its own phase, timed inside the fit
-    record_fit_phases(history[sum(resumed_after) :], time.perf_counter() - fit_started - saving)
     # The values used, recorded with the results; the compile time and the device store's copy apart from the
     # epochs' throughput.
     extra_metrics = normalization.as_metrics() | timings | store_metrics(train_loader) | (extra_metrics or {})
@@ -154,14 +143,6 @@ def fit_and_record(
     if resume:
         clear_state(resume)  # the outputs are complete: nothing left to resume
     return final
-
-
-def record_fit_phases(new_epochs: list[dict[str, float]], fit_seconds: float) -> None:
-    """The fit's time (less its ``resume_save`` phase) as ``epochs`` (the training and validation passes of the epochs
-    run here) and ``fit_setup`` (the rest: model to the device, optimizer, compilation, per-epoch logging)."""
-    epoch_seconds = sum(row["epoch_seconds"] for row in new_epochs)
-    add_phase("epochs", epoch_seconds)
-    add_phase("fit_setup", max(0.0, fit_seconds - epoch_seconds))
 
 
 def augment_params(augment: AugmentParams | str) -> AugmentParams | None:
