@@ -42,6 +42,12 @@ def mixed_store(tmp_path_factory):
     return write_presized(root, root.parent / "store", size=12)
 
 
+@pytest.fixture(scope="module")
+def reduced_store(mixed_store):
+    """The same images presized to 40 px: training at 10 px reads them at 1/2 (``decode_reduction``)."""
+    return write_presized(mixed_store.parent / "ds", mixed_store.parent / "store40", size=40)
+
+
 def loaders(store_dir, store_on_device, *, batch_size=8, seed=0, augment=FASTAI_AUGMENT, runtime=CPU):
     return make_loaders(
         store_dir,
@@ -93,6 +99,18 @@ def test_train_and_valid_batches_are_the_host_loaders(mixed_store, augment):
     assert_same_batches(epochs(store_valid), epochs(host_valid))
     raw_store, raw_host = list(store_train.loader), list(host_train.loader)  # the uint8 squares, untransformed
     assert all(torch.equal(a, b) and torch.equal(y, z) for (a, y), (b, z) in zip(raw_store, raw_host))
+
+
+def test_a_store_read_at_a_reduction_gives_the_host_loaders_batches(reduced_store):
+    """Training at a quarter of presize.size decodes at 1/2: host loader and device store alike, the same squares."""
+    host_train, host_valid = loaders(reduced_store, False)
+    store_train, store_valid = loaders(reduced_store, True)
+    assert host_train.dataset.store.reduction == store_train.loader.device_store.store.reduction == 2
+    raw_host, raw_store = list(host_train.loader), list(store_train.loader)
+    assert raw_host[0][0].shape[1:] == (20, 20, 3)  # the 40 px squares, decoded at 20
+    assert all(torch.equal(a, b) and torch.equal(y, z) for (a, y), (b, z) in zip(raw_store, raw_host))
+    assert_same_batches(epochs(store_train), epochs(host_train))
+    assert_same_batches(epochs(store_valid), epochs(host_valid))
 
 
 def test_what_training_and_resume_rely_on_is_kept(mixed_store):

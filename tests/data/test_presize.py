@@ -313,3 +313,41 @@ def test_without_torchvisions_decoder_pillow_gives_the_same_pixels(dataset, tmp_
     monkeypatch.setattr(presize, "torchvision_decoder", lambda: None)
     for i, expected in enumerate(with_torchvision):
         assert np.array_equal(store.image(i), expected)
+
+
+@pytest.mark.parametrize(
+    "presize_size, train_size, reduction",
+    [(460, 224, 1), (460, 128, 1), (64, 32, 1), (460, 115, 2), (460, 58, 2), (460, 57, 4), (460, 32, 4), (512, 32, 8)],
+)
+def test_the_decode_reduction_keeps_twice_the_training_size(presize_size, train_size, reduction):
+    """The largest of 1/2, 1/4, 1/8 whose square is still 2x the training size (fastai's 460 for 224); else 1."""
+    assert presize.decode_reduction(presize_size, train_size) == reduction
+    assert presize.reduced(presize_size, reduction) >= 2 * train_size or reduction == 1
+    if reduction < 8:
+        assert presize.reduced(presize_size, 2 * reduction) < 2 * train_size
+
+
+def test_a_store_read_for_a_small_training_size_decodes_each_image_averaged_at_its_reduction(tmp_path):
+    """At 1/k every side is rounded up, as libjpeg's, and each pixel is about the mean of the full decode's k x k
+    block: the same picture, not an aliased sample of it."""
+    root = tmp_path / "ds"
+    (root / "img").mkdir(parents=True)
+    shapes = [(61, 45), (45, 70), (50, 50)]  # wide, tall, square: sides that 4 does not divide once presized
+    for n, (width, height) in enumerate(shapes):
+        smooth = np.asarray(noisy(n, width // 8 + 1, height // 8 + 1).resize((width, height), Image.Resampling.BICUBIC))
+        Image.fromarray(smooth).save(root / f"img/{n}.png")
+    items = [(f"img/{n}.png", 0, "train") for n in range(len(shapes))]
+    write_store(root, items, tmp_path / "store", size=45, workers=1, progress=False)
+    full = PresizedStore(tmp_path / "store")
+    assert full.for_training_size(20) is full  # 45 / 2 = 23 < 40: the full decode
+    read = full.for_training_size(5)
+    assert read.reduction == 4 and read.square_size == 12 and full.reduction == 1  # ceil(45 / 4); the store keeps 1
+    for i in range(len(read)):
+        image, whole = read.image(i), full.image(i)
+        assert image.shape == (-(-whole.shape[0] // 4), -(-whole.shape[1] // 4), 3) == (read.heights[i], read.widths[i], 3)
+        blocks = whole[: whole.shape[0] // 4 * 4, : whole.shape[1] // 4 * 4].astype(float)
+        means = blocks.reshape(blocks.shape[0] // 4, 4, blocks.shape[1] // 4, 4, 3).mean(axis=(1, 3))
+        assert np.abs(image[: means.shape[0], : means.shape[1]] - means).mean() < 4
+        assert read.square(i, 0.5).shape == (12, 12, 3)
+    assert read.decoded_bytes == sum(int(h) * int(w) * 3 for h, w in zip(read.heights, read.widths))
+    assert np.array_equal(read.stored_heights, full.heights)  # the index is read as written

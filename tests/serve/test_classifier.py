@@ -65,6 +65,23 @@ def test_the_network_input_is_the_training_validation_batch(classifier, presized
         assert expected.shape == (1, 3, 16, 16)
 
 
+def test_a_model_trained_far_below_the_presize_is_served_the_reduced_decode(presized_store, tmp_path):
+    """Trained at 6 px from a 24 px store, the loaders decoded the store at 1/2: serving decodes the same way."""
+    store = PresizedStore(presized_store)
+    checkpoint = tmp_path / "small.pt"
+    model = build_model("resnet18", len(store.classes), weights="none")
+    save_checkpoint(checkpoint, model, meta={"arch": "resnet18", "classes": store.classes, "size": 6})
+    small = ImageClassifier(checkpoint, presize_size=store.size)
+    read = store.for_training_size(6)
+    assert small.reduction == read.reduction == 2
+    for index in store.indices("valid")[:3]:
+        original = presized_store.parent / "ds" / store.paths[int(index)]
+        square = read.square(int(index), 0.5)
+        assert square.shape == (12, 12, 3)
+        expected = valid_batch(torch.from_numpy(square.copy()).permute(2, 0, 1)[None].contiguous(), size=6)
+        assert torch.equal(small.inputs([str(original)]), expected)
+
+
 def test_a_wide_photo_is_cut_to_its_centre_square_as_in_validation(classifier, tmp_path):
     from PIL import Image
 

@@ -7,7 +7,7 @@ its decode differed from libjpeg-turbo's by up to 62 levels of 255 (benchmarks/R
 device store must give exactly the host loader's batches (and serving's pixels). The CPU runs the
 same decode and gather as a GPU does, so the CPU tests prove the batches identical to the host
 loader's. Every square of a presized image is rows of
-``size * 3`` bytes at a fixed stride (the image's row length) from one origin, so a batch is one
+``square_size * 3`` bytes at a fixed stride (the image's row length) from one origin, so a batch is one
 ``index_select`` of ``size`` rows per item from an overlapping-window view of the flat pixels: the
 same bytes ``PresizedStore.square`` cuts.
 
@@ -119,7 +119,7 @@ class DeviceStore:
             torch.cuda.synchronize(device)
         self.copy_seconds = time.perf_counter() - started
         self.device_bytes = store_bytes_on_device(store)
-        row = store.size * 3
+        row = store.square_size * 3
         # Every run of ``row`` bytes, starting at any byte: a square is ``size`` of these rows.
         self.rows = self.pixels.as_strided((self.pixels.numel() - row + 1, row), (1, 1))
 
@@ -127,12 +127,12 @@ class DeviceStore:
         """Where each square starts along its image's long side: ``square_of``'s ``round(position * (long - size))``
         (round half to even, as Python's round)."""
         long = np.maximum(self.store.heights[items], self.store.widths[items]).astype(np.int64)
-        return np.rint(positions * (long - self.store.size)).astype(np.int64)
+        return np.rint(positions * (long - self.store.square_size)).astype(np.int64)
 
     def gather(self, items: np.ndarray, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [B, size, size, 3] squares of store images ``items`` at ``positions``, and their labels, on the
-        device."""
-        size = self.store.size
+        """uint8 [B, S, S, 3] squares (S: the store's ``square_size``) of store images ``items`` at ``positions``, and
+        their labels, on the device."""
+        size = self.store.square_size
         starts = torch.from_numpy(self.square_starts(items, positions)).to(self.device)
         index = torch.from_numpy(items.astype(np.int64)).to(self.device)
         widths, heights = self.widths[index], self.heights[index]

@@ -2,7 +2,8 @@
 
 Per item the loader decodes one stored JPEG and slices: fastai's item transform (a square of side
 min(w, h) at a random position along the long side on train, the centre on valid) is a cut from an
-image already stored with its shorter side at ``presize.size``. The batch is stacked as uint8, copied to the training
+image already stored with its shorter side at ``presize.size`` (decoded at a fraction of that where
+training is far smaller: ``PresizedStore.for_training_size``). The batch is stacked as uint8, copied to the training
 device (pinned, non-blocking on CUDA) and augmented there in one resample (``augment``).
 
 Every random draw (shuffle order, crop positions, augmentation) comes from generators seeded in the
@@ -56,7 +57,7 @@ class SquareCrops(Dataset):
         )  # a copy: the store is read-only
 
     def __getitems__(self, keys: list[tuple[int, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.store.size
+        size = self.store.square_size
         images = torch.empty((len(keys), size, size, 3), dtype=torch.uint8)
         out = images.numpy()
         labels = torch.empty(len(keys), dtype=torch.int64)
@@ -287,6 +288,7 @@ def make_loader(
     With ``device_store`` the batches are gathered on the device from that copy of ``store`` (a
     ``StoreLoader``: the same batches, no workers), else cut on the host by a DataLoader. ``rank`` and
     ``world`` default to the torchrun process's."""
+    store = store.for_training_size(size)  # decoded no larger than training needs (``decode_reduction``)
     dataset = SquareCrops(store, split)
     train = generator is not None
     # Training is sharded over torchrun processes (each takes its share of the global batch);
@@ -346,7 +348,7 @@ def make_loaders(
 
     ``store_on_device`` (``train.store_on_device``: ``auto``, True, False) chooses between the host
     loader and one copy of the store on the device that both loaders gather from (``device_store``)."""
-    store = PresizedStore(store_dir)
+    store = PresizedStore(store_dir).for_training_size(size)
     on_device = wants_device_store(store, runtime.device, store_on_device)
     common = dict(
         size=size,

@@ -36,6 +36,7 @@ Store layout (a folder; every file byte-reproducible, so DVC sees identical hash
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import json
@@ -73,6 +74,11 @@ SKIPPED_FILE = "skipped.csv"
 META_FILE = "store.json"
 FIX = "run the presize stage (dvc repro presize)"
 MAX_CHUNKSIZE = 16  # images per pool task: few enough that the progress bar moves smoothly
+# The stored JPEG decoded at 1/k of its size (libjpeg's DCT scaling), largest first. 1 is the full decode.
+REDUCTIONS = (8, 4, 2)
+# The reduced square keeps at least this multiple of the training size: fastai presizes to 460 for 224, ~2x, as
+# room for the random crop (down to sqrt(0.75) of the side) and the zoom (up to 1.1) to stay a downscale.
+HEADROOM = 2
 MAX_HEADER_CHUNKSIZE = 256  # reading a header is ~0.1-0.5 ms: larger tasks, fewer round trips
 NO_ROOM_FIX = (
     "free space on it, lower presize.size (the store grows with its square), "
@@ -127,7 +133,9 @@ def decode_presized(path: Path | BinaryIO, size: int) -> np.ndarray:
     """
     with Image.open(path) as img:
         img.load()  # the full decode: a truncated file raises here
-        img = ImageOps.exif_transpose(img).convert("RGB")
+        ImageOps.exif_transpose(img, in_place=True)  # in place: a copy of every image costs ~0.2 ms
+        if img.mode != "RGB":
+            img = img.convert("RGB")
     img = img.resize(presized_shape(img.width, img.height, size), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
@@ -139,14 +147,34 @@ def encode_jpeg(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_jpeg(data: bytes | memoryview | np.ndarray) -> np.ndarray:
-    """A stored JPEG -> HxWx3 uint8: torchvision's libjpeg-turbo (the same pixels as Pillow's, twice as fast),
-    or Pillow's where a torchvision no longer decodes (it deprecated its decoders in 0.29)."""
-    decode = torchvision_decoder()
-    if decode is None:
-        with Image.open(io.BytesIO(np.asarray(data).tobytes())) as img:
-            return np.asarray(img.convert("RGB"))
-    return decode(np.frombuffer(data, dtype=np.uint8))
+def decode_reduction(presize_size: int, train_size: int) -> int:
+    """The DCT scaling 1/k at which a store presized to ``presize_size`` is decoded for training at ``train_size``:
+    the largest k of ``REDUCTIONS`` whose square (``reduced(presize_size, k)``) is still ``HEADROOM`` x
+    ``train_size``, else 1 (the full decode: the pets profiles' 460 for 224, the digits default's 64 for 32)."""
+    return next((k for k in REDUCTIONS if reduced(presize_size, k) >= HEADROOM * train_size), 1)
+
+
+def reduced(pixels: int, reduction: int) -> int:
+    """A side of ``pixels`` decoded at 1/``reduction``: libjpeg rounds up."""
+    return -(-pixels // reduction)
+
+
+def decode_jpeg(data: bytes | memoryview | np.ndarray, reduction: int = 1) -> np.ndarray:
+    """A stored JPEG -> HxWx3 uint8, its sides ``reduced`` by ``reduction`` (1, 2, 4 or 8).
+
+    The full decode is torchvision's libjpeg-turbo (the same pixels as Pillow's, twice as fast), or Pillow's where
+    a torchvision no longer decodes (it deprecated its decoders in 0.29); a reduced one is Pillow's ``draft``,
+    libjpeg-turbo's DCT scaling (torchvision has none).
+    """
+    decode = torchvision_decoder() if reduction == 1 else None
+    if decode is not None:
+        return decode(np.frombuffer(data, dtype=np.uint8))
+    with Image.open(io.BytesIO(np.asarray(data).tobytes())) as img:
+        if reduction > 1:
+            # Asking for the floor of each side picks exactly 1/reduction: libjpeg's scale is the largest power of
+            # two <= min(side // asked), and side // (side // k) lies in [k, 2k) for every side >= k.
+            img.draft("RGB", (max(1, img.width // reduction), max(1, img.height // reduction)))
+        return np.asarray(img.convert("RGB"))
 
 
 @functools.cache
@@ -167,10 +195,11 @@ def torchvision_decoder() -> Callable[[np.ndarray], np.ndarray] | None:
     return decoder
 
 
-def presized_pixels(path: Path | BinaryIO, size: int) -> np.ndarray:
-    """What the store holds for the image at ``path`` (a file or its bytes), decoded: presized, then the JPEG round
-    trip (serving uses this, so that a served image is exactly what training saw)."""
-    return decode_jpeg(encode_jpeg(decode_presized(path, size)))
+def presized_pixels(path: Path | BinaryIO, size: int, reduction: int = 1) -> np.ndarray:
+    """What the store holds for the image at ``path`` (a file or its bytes), decoded as training decodes it
+    (``reduction``): presized, then the JPEG round trip (serving uses this, so that a served image is exactly what
+    training saw)."""
+    return decode_jpeg(encode_jpeg(decode_presized(path, size)), reduction)
 
 
 def skip_reason(err: Exception) -> str:
@@ -367,11 +396,24 @@ class PresizedStore:
         self.classes: list[str] = meta.get("classes", [])  # class names, indexed by ``labels``
         self.offsets: np.ndarray = index["offset"]
         self.lengths: np.ndarray = index["length"]
-        self.heights: np.ndarray = index["height"]
-        self.widths: np.ndarray = index["width"]
+        self.stored_heights: np.ndarray = index["height"]  # of the stored JPEGs
+        self.stored_widths: np.ndarray = index["width"]
+        self.heights, self.widths = self.stored_heights, self.stored_widths  # as decoded (``for_training_size``)
         self.labels: np.ndarray = index["label"]
         self.splits: np.ndarray = index["split"]  # codes: SPLITS[code] is the split's name
+        self.reduction = 1  # images decode at 1/reduction of their stored sides (``for_training_size``)
         self._encoded: np.ndarray | None = None
+
+    def for_training_size(self, train_size: int) -> PresizedStore:
+        """This store as training at ``train_size`` reads it: decoded at ``decode_reduction``, with ``heights``,
+        ``widths`` and ``square_size`` those of the decoded images (itself where that is the full decode)."""
+        reduction = decode_reduction(self.size, train_size)
+        if reduction == self.reduction:
+            return self
+        reader = copy.copy(self)
+        reader.reduction = reduction
+        reader.heights, reader.widths = (reduced(a, reduction) for a in (self.stored_heights, self.stored_widths))
+        return reader
 
     def _read_meta(self) -> dict:
         meta_file = self.out_dir / META_FILE
@@ -405,6 +447,11 @@ class PresizedStore:
         return self._encoded
 
     @property
+    def square_size(self) -> int:
+        """The side of an image's square as decoded: ``size``, ``reduced`` by the store's reduction."""
+        return reduced(self.size, self.reduction)
+
+    @property
     def decoded_bytes(self) -> int:
         """The raw pixels of every stored image (HxWx3 each): what a decoded copy of the store holds."""
         return int((self.heights.astype(np.int64) * self.widths * 3).sum())
@@ -421,12 +468,18 @@ class PresizedStore:
         return np.flatnonzero(self.splits == SPLITS.index(split))
 
     def image(self, i: int) -> np.ndarray:
-        """Image ``i`` decoded: HxWx3 uint8."""
-        return decode_jpeg(self.jpeg(i))
+        """Image ``i`` decoded (at the store's reduction): ``heights[i]`` x ``widths[i]`` x 3 uint8."""
+        pixels = decode_jpeg(self.jpeg(i), self.reduction)
+        if pixels.shape[:2] != (self.heights[i], self.widths[i]):
+            raise PresizeError(
+                f"{self.out_dir}: image {i} decoded as {pixels.shape[1]}x{pixels.shape[0]}, the index says "
+                f"{self.widths[i]}x{self.heights[i]} (at 1/{self.reduction}); {FIX}"
+            )
+        return pixels
 
     def square(self, i: int, position: float) -> np.ndarray:
-        """The ``size`` x ``size`` square of image ``i`` at ``position`` along its long side.
+        """The ``square_size`` x ``square_size`` square of image ``i`` at ``position`` along its long side.
 
         0 = top / left, 0.5 = centre, 1 = bottom / right: fastai's ``Resize`` crop, already resized.
         """
-        return square_of(self.image(i), self.size, position)
+        return square_of(self.image(i), self.square_size, position)

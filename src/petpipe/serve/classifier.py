@@ -2,7 +2,8 @@
 bytes) in, a DataFrame with ``label`` and ``probability`` out.
 
 Preprocessing is the validation path of training, from the same functions: decode (EXIF-rotated,
-RGB) with the shorter side at the presize size, the centre square, resampled to the training size
+RGB) with the shorter side at the presize size, the store's JPEG round trip decoded as the loaders decode it (at a
+fraction where training is far smaller: ``decode_reduction``), the centre square, resampled to the training size
 and normalised with the mean and std recorded in the checkpoint (those training used). No MLflow here:
 ``tracking.models.ImageClassifierModel`` wraps it as a pyfunc model.
 """
@@ -22,7 +23,7 @@ import torch
 from petpipe.data.augment import valid_batch
 from petpipe.data.loaders import CENTRE
 from petpipe.data.normalization import from_meta
-from petpipe.data.presize import PresizedStore, presized_pixels, square_of
+from petpipe.data.presize import PresizedStore, decode_reduction, presized_pixels, reduced, square_of
 from petpipe.run.errors import PetpipeError
 from petpipe.train.engine import restore
 from petpipe.train.model import TIMM_PREFIX
@@ -42,11 +43,13 @@ class ImageClassifier:
         self.normalization = from_meta(meta)
         self.uses_timm = str(meta["arch"]).startswith(TIMM_PREFIX)  # the logged models then need timm to load
         self.presize_size = int(presize_size)
+        self.reduction = decode_reduction(self.presize_size, self.size)  # the loaders' decode of the store
 
     def pixels(self, image: Any) -> np.ndarray:
         source = io.BytesIO(as_bytes(image)) if not is_path(image) else Path(str(image))
         try:
-            return square_of(presized_pixels(source, self.presize_size), self.presize_size, CENTRE)
+            pixels = presized_pixels(source, self.presize_size, self.reduction)
+            return square_of(pixels, reduced(self.presize_size, self.reduction), CENTRE)
         except Exception as err:
             raise PetpipeError(
                 f"image {str(image)[:80]!r} cannot be decoded ({type(err).__name__}: {err}); give a file path or the "
