@@ -209,7 +209,9 @@ class TrainConfig(Section):
         "Recorded in the checkpoint and the logged models"
     )
     size: int = Field(
-        ge=1, description="square image size the model sees, for training and validation (<= presize.size)"
+        ge=1,
+        description="square image size the model sees, for training and validation (<= presize.size; at or below a "
+        "quarter of it the store is decoded at 1/2, 1/4 or 1/8, keeping 2x this size)",
     )
     batch_size: int = Field(ge=1, description="mini-batch size")
     num_workers: int | Literal["auto"] = Field(
