@@ -344,7 +344,9 @@ def test_a_store_read_for_a_small_training_size_decodes_each_image_averaged_at_i
     assert read.reduction == 4 and read.square_size == 12 and full.reduction == 1  # ceil(45 / 4); the store keeps 1
     for i in range(len(read)):
         image, whole = read.image(i), full.image(i)
-        assert image.shape == (-(-whole.shape[0] // 4), -(-whole.shape[1] // 4), 3) == (read.heights[i], read.widths[i], 3)
+        assert (
+            image.shape == (-(-whole.shape[0] // 4), -(-whole.shape[1] // 4), 3) == (read.heights[i], read.widths[i], 3)
+        )
         blocks = whole[: whole.shape[0] // 4 * 4, : whole.shape[1] // 4 * 4].astype(float)
         means = blocks.reshape(blocks.shape[0] // 4, 4, blocks.shape[1] // 4, 4, 3).mean(axis=(1, 3))
         assert np.abs(image[: means.shape[0], : means.shape[1]] - means).mean() < 4
