@@ -406,7 +406,7 @@ class PresizedStore:
 
     def for_training_size(self, train_size: int) -> PresizedStore:
         """This store as training at ``train_size`` reads it: decoded at ``decode_reduction``, with ``heights``,
-        ``widths`` and ``square_size`` those of the decoded images (itself where that is the full decode)."""
+        ``widths`` and ``square_size`` those of the decoded images (itself where it is already read so)."""
         reduction = decode_reduction(self.size, train_size)
         if reduction == self.reduction:
             return self
