@@ -40,7 +40,8 @@ Variants (``--cpu`` and ``--dry-run`` combine):
                     batch 32, lr_find 10 iterations: the test of this script (tests/test_lesson_pipeline.py)
 
 A/B: ``--revisions e1d50d3 WORKTREE --rounds 2`` runs both in alternation (A, B, A, B) on the same archive and
-prints each run's table, then a comparison of the medians per stage (non-epoch seconds, disk MB, new/old).
+prints each run's table, then a comparison of the medians per stage (non-epoch seconds, disk MB, new/old). Each run
+starts after an ``os.sync()``, so that it does not pay for the writeback of the run before it.
 
     python benchmarks/lesson_pipeline.py                      # 7,390 images, 37 classes: the real lesson's size
     python benchmarks/lesson_pipeline.py --cpu                # the same data and store, a small model: CPU
@@ -386,6 +387,9 @@ def lesson_run(pristine: Path, archive: Path, run_dir: Path, variant: Variant, *
             shutil.copy2(archive, run_dir / ARCHIVE_NAME)
         params = lesson_params(run_dir, variant, **overrides)
         (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        # The previous run's writes (gigabytes for e1d50d3's raw store) reach the disk now, not during this run's
+        # first stages: each run pays for its own writeback only.
+        os.sync()
         return run_stages(run_dir)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
