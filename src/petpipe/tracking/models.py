@@ -15,6 +15,7 @@ import mlflow
 import pandas as pd  # imported by mlflow anyway
 from mlflow.tracking import MlflowClient
 
+from petpipe.data.presize import JPEG_QUALITY, reduced
 from petpipe.run import lineage
 from petpipe.run.clock import phase
 from petpipe.serve.classifier import load_classifier
@@ -120,14 +121,18 @@ def _log_models(
         classifier = load_classifier(Path(checkpoint), presize_size=presize_size)
         frame = pd.DataFrame(example)
         inputs = classifier.inputs(list(frame["image"])).numpy()
+    reduction = classifier.reduction  # the stored JPEG decoded at 1/reduction, as the loaders decode it
+    decoded = f", decoded at 1/{reduction} ({reduced(presize_size, reduction)} px)" if reduction > 1 else ""
     preprocessing = (
-        f"decode, EXIF-rotate, RGB; shorter side {presize_size} px; centre square; bilinear to {classifier.size} px; "
-        f"scale to [0, 1]; normalise with {classifier.normalization.describe()}"
+        f"decode, EXIF-rotate, RGB; shorter side {presize_size} px; quality-{JPEG_QUALITY} JPEG round trip{decoded}; "
+        f"centre square; bilinear to {classifier.size} px; scale to [0, 1]; normalise with "
+        f"{classifier.normalization.describe()}"
     )
     metadata = {
         "classes": list(classifier.classes),
         "size": classifier.size,
         "presize_size": int(presize_size),
+        "decode_reduction": reduction,
         "normalize": classifier.normalization.as_dict(),
         "preprocessing": preprocessing,
     }
