@@ -17,11 +17,13 @@
 #     processes (PETPIPE_WARM=0): per stage wall, work, phases, epochs, non-epoch seconds, disk MB. Cap 300 s.
 #  2. fastai 2.8's lesson 1 on the same generated images (benchmarks/fastai_lesson.py, the archive kept by step 1),
 #     the same recipe, per phase with its import time; skipped with a line where fastai is not importable. Cap 150 s.
-#  3. the data-path benchmark on CUDA (resnet34, 224 px, bf16, batch 64, presize 460): host loader, then the
+#  3. a model stage's start-up explained (benchmarks/import_cost.py): its imports package by package, twice, and
+#     CUDA's initialisation. Cap 40 s.
+#  4. the data-path benchmark on CUDA (resnet34, 224 px, bf16, batch 64, presize 460): host loader, then the
 #     device store. Cap 75 s.
-#  4. the tests that only run with CUDA. Cap 60 s.
-#  5. fused against foreach AdamW, with the checkpoint check. Cap 45 s.
-#  6. train.compile on and off. Cap 90 s (what is left of the budget, if less).
+#  5. the tests that only run with CUDA. Cap 60 s.
+#  6. fused against foreach AdamW, with the checkpoint check. Cap 45 s.
+#  7. train.compile on and off. Cap 90 s (what is left of the budget, if less).
 # Results: $GPU_CHECK_OUT (default gpu_check_results.md); the full log next to it (.log). Exit 1 if a step failed or
 # ran out of its cap.
 set -uo pipefail
@@ -50,7 +52,7 @@ if (( DRY )); then
         --threads 1 --presize 32)
   STEPS=(--device cpu --arch timm/test_resnet --size 16 --batch-size 4 --steps 2 --warmup 1 --precisions fp32)
   TESTS=(tests/data/test_augment.py tests/data/test_loaders.py)
-  CAPS=(150 60 60 60 45 90)  # a first torch.compile on the CPU builds C++: 15-45 s
+  CAPS=(150 60 40 60 60 45 90)  # a first torch.compile on the CPU builds C++: 15-45 s
 else
   BUDGET=${GPU_CHECK_BUDGET:-570}
   LESSON=(--precision bf16)
@@ -59,7 +61,7 @@ else
         --presize 460)
   STEPS=(--device cuda --arch resnet34 --size 224 --batch-size 64 --steps 30 --warmup 5 --precisions bf16,fp16)
   TESTS=(tests/data/test_augment.py tests/data/test_loaders.py tests/train/test_engine.py tests/data/test_device_store.py)
-  CAPS=(300 150 75 60 45 90)
+  CAPS=(300 150 40 75 60 45 90)
 fi
 
 step() {  # step CAP TITLE COMMAND...: run it under min(CAP, what the budget has left); output to the log and results
@@ -110,11 +112,12 @@ PATH="$(cd "$(dirname "$(command -v "$PY")")" && pwd):$PATH"  # `python` in the 
 
 step "${CAPS[0]}" "lesson-1 pipeline, cold stage processes" "$PY" benchmarks/lesson_pipeline.py "${LESSON[@]}" --archive "$WORK/archive"
 step "${CAPS[1]}" "fastai lesson 1, same images and recipe" "$PY" benchmarks/fastai_lesson.py "${FASTAI[@]}" --archive "$WORK/archive"
-step "${CAPS[2]}" "data path, host loader then device store" \
+step "${CAPS[2]}" "a model stage's imports and CUDA's start" "$PY" benchmarks/import_cost.py
+step "${CAPS[3]}" "data path, host loader then device store" \
   "$PY" benchmarks/data_throughput.py "${DATA[@]}" --store-on-device both
-step "${CAPS[3]}" "CUDA tests" "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
-step "${CAPS[4]}" "AdamW fused against foreach, with the check" "$PY" benchmarks/train_throughput.py "${STEPS[@]}" --check --compare-adamw
-step "${CAPS[5]}" "train.compile on and off" "$PY" benchmarks/train_throughput.py "${STEPS[@]}" --compare-compile
+step "${CAPS[4]}" "CUDA tests" "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+step "${CAPS[5]}" "AdamW fused against foreach, with the check" "$PY" benchmarks/train_throughput.py "${STEPS[@]}" --check --compare-adamw
+step "${CAPS[6]}" "train.compile on and off" "$PY" benchmarks/train_throughput.py "${STEPS[@]}" --compare-compile
 
 echo "total $SECONDS s of the ${BUDGET} s budget" | tee -a "$OUT"
 if (( ${#FAILED[@]} )); then
