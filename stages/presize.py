@@ -41,7 +41,7 @@ def run(cfg: Config, *, dataset: Path, table_csv: Path, classes_json: Path, out_
             "n_images": result.n_images,
             "n_skipped": result.n_skipped,
             "bytes": result.bytes,  # the JPEGs on disk
-            "decoded_bytes": result.decoded_bytes,  # their pixels: what the device store holds
+            "decoded_bytes": result.decoded_bytes,  # their pixels: what the device store holds at the full decode
         }
         write_json(metrics, counts)
         mlflow_run.log_metrics(

@@ -113,6 +113,20 @@ def test_a_store_read_at_a_reduction_gives_the_host_loaders_batches(reduced_stor
     assert_same_batches(epochs(store_valid), epochs(host_valid))
 
 
+def test_a_device_store_of_another_reduction_is_refused(reduced_store):
+    """A device store decoded in full cannot serve a loader that reads the store at 1/2: one clear error."""
+    full = PresizedStore(reduced_store)
+    with pytest.raises(ValueError, match=r"decoded at 1/1, training at 10 px reads the store at 1/2"):
+        make_loader(
+            full, "valid", CPU, size=10, batch_size=8, num_workers=0, device_store=DeviceStore(full, CPU.device)
+        )
+    reduced = full.for_training_size(10)
+    loader = make_loader(
+        full, "valid", CPU, size=10, batch_size=8, num_workers=0, device_store=DeviceStore(reduced, CPU.device)
+    )
+    assert next(iter(loader.loader))[0].shape[1:] == (20, 20, 3)
+
+
 def test_what_training_and_resume_rely_on_is_kept(mixed_store):
     host_train, host_valid = loaders(mixed_store, False, batch_size=5)
     store_train, store_valid = loaders(mixed_store, True, batch_size=5)
@@ -199,11 +213,13 @@ def test_the_device_memory_decides_auto_and_true_fails_in_one_line(mixed_store, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_batches_are_the_host_loaders(mixed_store):
+@pytest.mark.parametrize("which", ["full", "reduced"])
+def test_cuda_batches_are_the_host_loaders(mixed_store, reduced_store, which):
+    store_dir = mixed_store if which == "full" else reduced_store  # reduced: decoded at 1/2 for 10 px
     cuda = make_runtime("cuda", "fp32")
     (host_train, host_valid), (store_train, store_valid) = (
-        loaders(mixed_store, False, runtime=cuda),
-        loaders(mixed_store, True, runtime=cuda),
+        loaders(store_dir, False, runtime=cuda),
+        loaders(store_dir, True, runtime=cuda),
     )
     assert isinstance(store_train, StoreLoader) and store_train.loader.device_store.pixels.is_cuda
     # Decoded on the host by the host loader's decoder, so the same bytes (nvjpeg's differed by up to 62 levels).

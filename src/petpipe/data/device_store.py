@@ -8,7 +8,7 @@ device store must give exactly the host loader's batches (and serving's pixels).
 same decode and gather as a GPU does, so the CPU tests prove the batches identical to the host
 loader's. Every square of a presized image is rows of
 ``square_size * 3`` bytes at a fixed stride (the image's row length) from one origin, so a batch is one
-``index_select`` of ``size`` rows per item from an overlapping-window view of the flat pixels: the
+``index_select`` of ``square_size`` rows per item from an overlapping-window view of the flat pixels: the
 same bytes ``PresizedStore.square`` cuts.
 
 This module knows the store and the device, not the loaders: ``loaders`` builds its batches on it.

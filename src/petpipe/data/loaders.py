@@ -289,6 +289,11 @@ def make_loader(
     ``StoreLoader``: the same batches, no workers), else cut on the host by a DataLoader. ``rank`` and
     ``world`` default to the torchrun process's."""
     store = store.for_training_size(size)  # decoded no larger than training needs (``decode_reduction``)
+    if device_store is not None and device_store.store.reduction != store.reduction:
+        raise ValueError(
+            f"the device store is decoded at 1/{device_store.store.reduction}, training at {size} px reads the store "
+            f"at 1/{store.reduction}: build it from store.for_training_size({size})"
+        )
     dataset = SquareCrops(store, split)
     train = generator is not None
     # Training is sharded over torchrun processes (each takes its share of the global batch);

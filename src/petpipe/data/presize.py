@@ -96,7 +96,7 @@ class PresizeResult:
     n_skipped: int
     skipped: list[tuple[str, str]]  # (path, reason)
     bytes: int  # size of images.jpg
-    decoded_bytes: int  # the presized images' raw pixels: what the device store holds
+    decoded_bytes: int  # the presized images' raw pixels: what the device store holds at the full decode
     seconds: float
 
 
@@ -171,8 +171,8 @@ def decode_jpeg(data: bytes | memoryview | np.ndarray, reduction: int = 1) -> np
         return decode(np.frombuffer(data, dtype=np.uint8))
     with Image.open(io.BytesIO(np.asarray(data).tobytes())) as img:
         if reduction > 1:
-            # Asking for the floor of each side picks exactly 1/reduction: libjpeg's scale is the largest power of
-            # two <= min(side // asked), and side // (side // k) lies in [k, 2k) for every side >= k.
+            # Asking for the floor of each side picks exactly 1/reduction: Pillow's scale is the largest of 8, 4, 2, 1
+            # <= min(side // asked), and side // (side // k) lies in [k, 2k) for every side >= k.
             img.draft("RGB", (max(1, img.width // reduction), max(1, img.height // reduction)))
         return np.asarray(img.convert("RGB"))
 
@@ -453,7 +453,8 @@ class PresizedStore:
 
     @property
     def decoded_bytes(self) -> int:
-        """The raw pixels of every stored image (HxWx3 each): what a decoded copy of the store holds."""
+        """The raw pixels of every image as this reader decodes it (HxWx3 each, at its reduction): what a decoded copy
+        of the store holds."""
         return int((self.heights.astype(np.int64) * self.widths * 3).sum())
 
     def jpeg(self, i: int) -> np.ndarray:

@@ -123,6 +123,8 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str], *, title: str, norm
                 va="center",
                 fontsize=6 if n > 15 else 8,
                 color="white" if value > threshold else "black",
-                in_layout=False,  # inside its cell, so inside the axes: the tight bounding box need not measure it
+                # Inside its cell, so inside the axes, the tight bounding box need not measure it (at a hundred classes
+                # and more a count can spill past its cell: unreadable there anyway).
+                in_layout=False,
             )
     return figure_png(fig)

@@ -154,7 +154,8 @@ class PresizeConfig(Section):
         ge=8,
         description="shorter side of every stored image, in pixels (fastai's item transform `Resize(460)` for 224 px "
         "training); larger keeps more detail for zoom and crops, at about size x size x aspect x 0.3 bytes per image "
-        "on disk (a quality-90 JPEG) and x 3 bytes decoded on the device",
+        "on disk (a quality-90 JPEG) and x 3 bytes decoded on the device (a quarter or less of that where training "
+        "decodes it reduced: see train.size)",
     )
 
 
@@ -210,8 +211,8 @@ class TrainConfig(Section):
     )
     size: int = Field(
         ge=1,
-        description="square image size the model sees, for training and validation (<= presize.size; at or below a "
-        "quarter of it the store is decoded at 1/2, 1/4 or 1/8, keeping 2x this size)",
+        description="square image size the model sees, for training and validation (<= presize.size; where "
+        "ceil(presize.size / k) >= 2x this size for k = 8, 4 or 2, the store is decoded at 1/k, the largest such k)",
     )
     batch_size: int = Field(ge=1, description="mini-batch size")
     num_workers: int | Literal["auto"] = Field(
