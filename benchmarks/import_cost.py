@@ -60,27 +60,28 @@ else:
 """
 
 
-def cumulative_seconds(importtime: str) -> dict[str, float]:
-    """``python -X importtime``'s stderr -> {module: cumulative seconds}, each module where it was first imported."""
-    seconds: dict[str, float] = {}
+def imports(importtime: str) -> list[tuple[str, float, bool]]:
+    """``python -X importtime``'s stderr -> (module, cumulative seconds, imported at the top level), in its order."""
+    rows = []
     for line in importtime.splitlines():
-        if not line.startswith("import time:") or "|" not in line:
-            continue
-        _, cumulative, name = line.split("|", 2)
-        if cumulative.strip().isdigit():
-            seconds.setdefault(name.strip(), int(cumulative) / 1e6)
+        fields = line.split("|")
+        if line.startswith("import time:") and len(fields) == 3 and fields[1].strip().isdigit():
+            name = fields[2]  # `-X importtime`: " name" at the top, 2 more spaces per level below
+            rows.append((name.strip(), int(fields[1]) / 1e6, not name.startswith("  ")))
+    return rows
+
+
+def cumulative_seconds(importtime: str) -> dict[str, float]:
+    """{module: cumulative seconds}, each module where it was first imported."""
+    seconds: dict[str, float] = {}
+    for name, cumulative, _ in imports(importtime):
+        seconds.setdefault(name, cumulative)
     return seconds
 
 
 def top_level_seconds(importtime: str) -> float:
     """The imports' total: the cumulative times of the modules imported at the top (not by another module)."""
-    total = 0.0
-    for line in importtime.splitlines():
-        if line.startswith("import time:") and line.count("|") == 2:
-            _, cumulative, name = line.split("|", 2)
-            if cumulative.strip().isdigit() and name.startswith(" ") and not name.startswith("  "):
-                total += int(cumulative) / 1e6  # `-X importtime`: " name" at the top, 2 more spaces per level below
-    return total
+    return sum(cumulative for _, cumulative, top in imports(importtime) if top)
 
 
 def import_line(modules: tuple[str, ...]) -> str:

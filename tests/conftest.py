@@ -179,6 +179,24 @@ def http_server(tmp_path: Path):
         server.server_close()
 
 
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A download cache of this test's own ($PETPIPE_CACHE_DIR)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("PETPIPE_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server that misbehaves on cue (``http_faults.FaultyServer``)."""
+    from http_faults import FaultyServer
+
+    srv = FaultyServer()
+    yield srv
+    srv.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,6 @@ import time
 
 import pytest
 from conftest import free_port
-from http_faults import FaultyServer
 from small_disk import SmallDisk
 
 from petpipe.run.errors import DiskFullError
@@ -15,20 +14,6 @@ from petpipe.sources import download as download_module
 from petpipe.sources.download import DownloadError, Network, cache_dir, download, progress_meter
 
 FAST = Network(tries=3, connect_timeout=2.0, read_timeout=2.0, backoff=0.01, max_backoff=0.05)
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv("PETPIPE_CACHE_DIR", str(path))
-    return path
-
-
-@pytest.fixture
-def server():
-    srv = FaultyServer()
-    yield srv
-    srv.close()
 
 
 def test_cache_folder_comes_from_the_environment(tmp_path):

@@ -6,7 +6,6 @@ import hashlib
 
 import pytest
 from conftest import tar_bytes
-from http_faults import FaultyServer
 from test_download import FAST
 
 from petpipe.run.config import ConfigError, parse_config
@@ -18,20 +17,6 @@ from petpipe.sources.fetch import FetchError, fetch, local_path
 def sha(path_or_bytes):
     data = path_or_bytes if isinstance(path_or_bytes, bytes) else path_or_bytes.read_bytes()
     return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv("PETPIPE_CACHE_DIR", str(path))
-    return path
-
-
-@pytest.fixture
-def server():
-    srv = FaultyServer()
-    yield srv
-    srv.close()
 
 
 @pytest.fixture

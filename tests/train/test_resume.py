@@ -67,6 +67,18 @@ def start_stage(params: Path, store: Path, out: Path, mlflow_store: str) -> subp
     )
 
 
+def run_stage(params: Path, store: Path, out: Path, mlflow_store: str) -> subprocess.CompletedProcess:
+    """The stage to its end, in its own process, as DVC runs it."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages/train_frozen.py"), *stage_args(params, store, out)],
+        cwd=out,
+        env=stage_env(MLFLOW_TRACKING_URI=mlflow_store),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -106,14 +118,7 @@ def test_a_killed_stage_resumes_and_matches_an_uninterrupted_run(
     )  # nothing half-written looks complete
     assert state.exists()
 
-    resumed = subprocess.run(
-        [sys.executable, str(ROOT / "stages/train_frozen.py"), *stage_args(params, presized_store, out)],
-        cwd=out,
-        env=stage_env(MLFLOW_TRACKING_URI=mlflow_store),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run_stage(params, presized_store, out, mlflow_store)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after = int(resumed.stdout.split("resume: continuing after epoch ")[1].split()[0])
     assert 1 <= after < EPOCHS
@@ -135,14 +140,7 @@ def test_a_state_from_other_params_is_discarded(params, presized_store, tmp_path
     raw = yaml.safe_load(params.read_text())
     raw["train_frozen"]["epochs"] = 2
     params.write_text(yaml.safe_dump(raw))
-    rerun = subprocess.run(
-        [sys.executable, str(ROOT / "stages/train_frozen.py"), *stage_args(params, presized_store, out)],
-        cwd=out,
-        env=stage_env(MLFLOW_TRACKING_URI=mlflow_store),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    rerun = run_stage(params, presized_store, out, mlflow_store)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (
         "discarding" in rerun.stderr
