@@ -12,6 +12,8 @@ import numpy as np
 from petpipe.train.lr_plot import DPI, figure_png, plt
 
 FROZEN_COLOUR, UNFROZEN_COLOUR = "#dbe9f6", "#fde7d4"
+MARGIN = 0.1  # inches of white around a grid: what a tight bounding box would leave (savefig.pad_inches)
+TITLE_INCHES = 0.4  # a grid's title row
 
 
 def image_grid(
@@ -30,8 +32,14 @@ def image_grid(
     space_px = round(0.15 * per_inch)
     cell_w, cell_h = width + space_px, height + title_px
     canvas = np.full((rows * cell_h, cols * cell_w - space_px, 3), 255, dtype=np.uint8)
-    fig, ax = plt.subplots(figsize=(canvas.shape[1] / per_inch, canvas.shape[0] / per_inch + 0.4))
-    fig.subplots_adjust(left=0, right=1, bottom=0, top=1 - 0.4 / (canvas.shape[0] / per_inch + 0.4))
+    # The figure is laid out to fit (a margin of MARGIN inches around the canvas and its title), so it is drawn once:
+    # measuring a tight bounding box would draw every pixel and title twice (1.5 of 2.4 s for 64 tiles).
+    width_in, height_in = canvas.shape[1] / per_inch, canvas.shape[0] / per_inch
+    fig_w, fig_h = width_in + 2 * MARGIN, height_in + TITLE_INCHES + 2 * MARGIN
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    fig.subplots_adjust(
+        left=MARGIN / fig_w, right=1 - MARGIN / fig_w, bottom=MARGIN / fig_h, top=1 - (MARGIN + TITLE_INCHES) / fig_h
+    )
     for k, (image, title) in enumerate(zip(images, titles)):
         top, left = (k // cols) * cell_h + title_px, (k % cols) * cell_w
         canvas[top : top + height, left : left + width] = image
@@ -39,8 +47,8 @@ def image_grid(
     # Small inputs (digits) scaled up: show their pixels; large ones (224 px) barely scaled: resample smoothly.
     ax.imshow(canvas, interpolation="nearest" if DPI / per_inch >= 2 else "antialiased")
     ax.axis("off")
-    fig.suptitle(suptitle, y=1 - 0.05 / fig.get_figheight(), va="top")
-    return figure_png(fig)
+    fig.suptitle(suptitle, y=1 - (MARGIN + 0.05) / fig_h, va="top")
+    return figure_png(fig, tight=False)
 
 
 def pair_title(predicted: str, actual: str, width: int = 30) -> str:

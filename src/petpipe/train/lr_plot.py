@@ -21,10 +21,14 @@ DPI = 110
 matplotlib.rcParams["svg.hashsalt"] = "petpipe"
 
 
-def figure_png(fig: plt.Figure, dpi: int = DPI) -> bytes:
-    """The figure as PNG bytes (closed afterwards); identical inputs give identical bytes."""
+def figure_png(fig: plt.Figure, dpi: int = DPI, *, tight: bool = True) -> bytes:
+    """The figure as PNG bytes (closed afterwards); identical inputs give identical bytes.
+
+    ``tight``: cropped to what is drawn plus a margin (``savefig.pad_inches``, 0.1 in), which draws the figure twice,
+    once to measure it; a figure whose layout already fits its canvas passes False and is drawn once.
+    """
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", metadata=PNG_METADATA)
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None, metadata=PNG_METADATA)
     plt.close(fig)
     return buffer.getvalue()
 
