@@ -174,6 +174,36 @@ def test_figures_are_byte_reproducible():
     )
 
 
+def test_an_image_grid_is_drawn_once_and_fits_its_canvas_with_a_white_margin(monkeypatch):
+    """Drawn once, without a tight bounding box (which draws the figure twice): the PNG is the figure's size, a white
+    margin all round, the tiles where the layout puts them (nearest-neighbour scaling: a 4 px tile fills its cell in
+    solid colour)."""
+    from io import BytesIO
+
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    draws, draw = [], Figure.draw
+    monkeypatch.setattr(Figure, "draw", lambda fig, renderer: draws.append(fig) or draw(fig, renderer))
+    tiles = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    tiles[0, ..., 0] = 255  # red
+    tiles[1, ..., 2] = 255  # blue
+    png = rf.image_grid(tiles, ["a", "b"], "Two tiles")
+    assert len(draws) == 1
+    pixels = np.asarray(Image.open(BytesIO(png)).convert("RGB")).astype(int)
+    height, width = pixels.shape[:2]
+    margin = int(rf.MARGIN * rf.DPI)
+    border = np.concatenate(
+        [pixels[:margin].reshape(-1, 3), pixels[-margin:].reshape(-1, 3), pixels[:, :margin].reshape(-1, 3)]
+    )
+    assert (border == 255).all() and (pixels[:, -margin:] == 255).all()
+    per_inch = 4 / 2.2  # image_grid's tile: 2.2 inches for the 4 px tile
+    assert abs(width - (2 * 4 + round(0.15 * per_inch)) / per_inch * rf.DPI - 2 * margin) <= 1
+    red, blue = (pixels == [255, 0, 0]).all(-1), (pixels == [0, 0, 255]).all(-1)
+    assert red[:, : width // 2].sum() > 0.2 * width * height / 2 and not red[:, width // 2 :].any()
+    assert blue[:, width // 2 :].sum() > 0.2 * width * height / 2 and not blue[:, : width // 2].any()
+
+
 def test_report_stage_on_a_tiny_store(presized_store, tmp_path, monkeypatch, mlflow_store):
     """The real stage script: real predictions on a 3-class store; every output written, logged, and reproducible."""
     from petpipe.data.presize import PresizedStore

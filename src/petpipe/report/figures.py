@@ -32,8 +32,8 @@ def image_grid(
     space_px = round(0.15 * per_inch)
     cell_w, cell_h = width + space_px, height + title_px
     canvas = np.full((rows * cell_h, cols * cell_w - space_px, 3), 255, dtype=np.uint8)
-    # The figure is laid out to fit (a margin of MARGIN inches around the canvas and its title), so it is drawn once:
-    # measuring a tight bounding box would draw every pixel and title twice (1.5 of 2.4 s for 64 tiles).
+    # Laid out to fit (MARGIN inches around the canvas and its title), so it is drawn once: measuring a tight bounding
+    # box would draw every tile and title twice (benchmarks/RESULTS.md, "The report's image grids drawn once").
     width_in, height_in = canvas.shape[1] / per_inch, canvas.shape[0] / per_inch
     fig_w, fig_h = width_in + 2 * MARGIN, height_in + TITLE_INCHES + 2 * MARGIN
     fig, ax = plt.subplots(figsize=(fig_w, fig_h))
