@@ -163,7 +163,7 @@ def run(
             runtime,
             size=meta["size"],
             batch_size=PREDICT_BATCH,
-            num_workers=cfg.train.num_workers,  # training's: none on the CPU; on a GPU, workers decode while it predicts
+            num_workers=cfg.train.num_workers,  # training's: none on the CPU; on a GPU, they decode while it predicts
             normalization=normalization,
         )
         with phase("predict"):
