@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from e2e_repo import built_repo, new_runs, ran_stages, run, runs_by_stage
+from e2e_repo import built_repo, new_runs, pipeline_env, ran_stages, run, runs_by_stage
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +45,14 @@ def queue_status(repo: Path) -> dict[str, str]:
 
 
 def wait_for_the_queue(repo: Path, timeout: float = 420) -> dict[str, str]:
-    """Poll `dvc queue status` until nothing is queued or running (or ``timeout`` seconds)."""
+    """Poll `dvc queue status` until nothing is queued or running (or ``timeout`` seconds). Every 5 s: each poll is a
+    DVC process, on the cores the experiments run on."""
     deadline = time.monotonic() + timeout
     while True:
         status = queue_status(repo)
         if not {"Queued", "Running"} & set(status.values()) or time.monotonic() > deadline:
             return status
-        time.sleep(2)
+        time.sleep(5)
 
 
 def test_two_queued_experiments_side_by_side_are_two_executions_in_the_repository_store(repo):
@@ -66,12 +68,28 @@ def test_two_queued_experiments_side_by_side_are_two_executions_in_the_repositor
         ("queued-b", 4),
     ):  # values no earlier test ran: DVC's run cache would restore those
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"finetune.epochs={epochs}"], repo)
-    run(["dvc", "queue", "start", "-j", "2"], repo)
-    status = wait_for_the_queue(repo)
-    run(
-        ["dvc", "queue", "stop", "--kill"], repo
-    )  # nothing should be left running; after a timeout, nothing may outlive the test
-    assert status == {"queued-a": "Success", "queued-b": "Success"}, status
+    # The queue's workers outlive `dvc queue start`: their output goes to a file, not to pipes that start would be
+    # waiting on until the last worker ends.
+    with open(repo.parent / "queue.log", "w") as log:
+        subprocess.run(
+            ["dvc", "queue", "start", "-j", "2"],
+            cwd=repo,
+            env=pipeline_env(),
+            stdout=log,
+            stderr=log,
+            timeout=120,
+            check=True,
+        )
+    try:
+        status = wait_for_the_queue(repo)
+        failed = {
+            name: run(["dvc", "queue", "logs", name], repo).stdout[-3000:]
+            for name, s in status.items()
+            if s != "Success"
+        }
+    finally:
+        run(["dvc", "queue", "stop", "--kill"], repo)  # nothing may outlive the test, a failed or timed-out one either
+    assert status == {"queued-a": "Success", "queued-b": "Success"}, (status, failed)
     assert new_runs(repo, before) == {"finetune": 2, "report": 2}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     with sqlite3.connect(repo / "mlflow.db") as db:

@@ -56,10 +56,22 @@ def default_artifact_location(env: dict[str, str] | None = None) -> str | None:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """Experiment id for ``name``, created on first use (marked as model training for the UI)."""
+    """Experiment id for ``name``, created on first use (marked as model training for the UI).
+
+    Stages of queued experiments (`dvc queue start -j 2`) can both find no experiment and both create it: the one
+    that loses takes the winner's."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
+        except MlflowException as err:
+            if (
+                err.error_code != "RESOURCE_ALREADY_EXISTS"
+                or (experiment := client.get_experiment_by_name(name)) is None
+            ):
+                raise
     if experiment.tags.get("mlflow.experimentKind") is None:
         for key, value in EXPERIMENT_TAGS.items():
             client.set_experiment_tag(experiment.experiment_id, key, value)
