@@ -67,10 +67,9 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         try:
             return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
         except MlflowException as err:
-            if (
-                err.error_code != "RESOURCE_ALREADY_EXISTS"
-                or (experiment := client.get_experiment_by_name(name)) is None
-            ):
+            lost_the_race = err.error_code == "RESOURCE_ALREADY_EXISTS"
+            experiment = client.get_experiment_by_name(name) if lost_the_race else None
+            if experiment is None:
                 raise
     if experiment.tags.get("mlflow.experimentKind") is None:
         for key, value in EXPERIMENT_TAGS.items():
